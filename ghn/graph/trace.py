@@ -162,15 +162,17 @@ def _leaf_paths(state) -> list[str]:
 
 
 @contextlib.contextmanager
-def _module_scopes(model: nnx.Module, stack: list[str]):
+def _module_scopes(model: nnx.Module, stack: list[str], classes_out: dict[str, str]):
     """Runs every submodule's `__call__` under `jax.named_scope(<its path>)`.
 
     NNX does not name scopes by itself; the scope lets errors and
     parameter-free nodes name the module they belong to. `stack` tracks the
     Python-side module stack so a failing forward can say where it failed.
     """
-    paths = {id(m): _path_str(p) for p, m in nnx.iter_modules(model)}
-    classes = {type(m) for _, m in nnx.iter_modules(model)}
+    modules = list(nnx.iter_modules(model))
+    paths = {id(m): _path_str(p) for p, m in modules}
+    classes = {type(m) for _, m in modules}
+    classes_out.update({paths[id(m)]: type(m).__name__ for _, m in modules})
     originals = {cls: (cls.__dict__.get("__call__"), cls.__call__) for cls in classes}
     failed_in: list[str] = []
 
@@ -244,14 +246,14 @@ def _reshape_axes(in_shape, out_shape, axes):
 
 
 class _Tracer:
-    def __init__(self, model: nnx.Module, param_paths: list[str], shapes, dtypes):
+    def __init__(self, module_classes: dict[str, str], param_paths: list[str], shapes, dtypes):
         self.nodes: list[_Node] = []
         self.owner: dict[str, int] = {}
         self.info: dict[str, ParamInfo] = {}
         self.param_paths = param_paths
         self.param_shapes = dict(zip(param_paths, shapes))
         self.param_dtypes = dict(zip(param_paths, dtypes))
-        self.module_classes = {_path_str(p): type(m).__name__ for p, m in nnx.iter_modules(model)}
+        self.module_classes = module_classes
 
     def new_node(self, op, name, module, preds=()) -> int:
         self.nodes.append(_Node(op, name, module))
@@ -549,9 +551,11 @@ def trace(
     )
     stack: list[str] = []
 
+    module_classes: dict[str, str] = {}
+
     def forward(params, rest, inputs, kwargs):
         m = nnx.merge(graphdef, params, rest, copy=True)
-        with _module_scopes(m, stack) as failed_in:
+        with _module_scopes(m, stack, module_classes) as failed_in:
             try:
                 return m(*inputs, **kwargs)
             except Exception as e:
@@ -566,7 +570,7 @@ def trace(
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with context below
         where = forward.failed_in
-        where = f" in module '{where}' ({_class_at(model, where)})" if where else ""
+        where = f" in module '{where}' ({module_classes.get(where, '?')})" if where else ""
         msg = str(e).strip().splitlines()
         first = msg[0] if msg else type(e).__name__
         raise ExampleInputError(
@@ -574,7 +578,7 @@ def trace(
             f"{where}: {type(e).__name__}: {first}"
         ) from e
 
-    tracer = _Tracer(model, paths, shapes, dtypes)
+    tracer = _Tracer(module_classes, paths, shapes, dtypes)
     n_rest = len(jax.tree_util.tree_leaves(rest))
     env: list[Any] = []
     for p, shape in zip(paths, shapes):
@@ -614,10 +618,3 @@ def trace(
         spd_cutoff=spd_cutoff,
         model_name=model_name,
     )
-
-
-def _class_at(model, path: str) -> str:
-    for p, m in nnx.iter_modules(model):
-        if _path_str(p) == path:
-            return type(m).__name__
-    return "?"
