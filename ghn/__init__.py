@@ -2,7 +2,8 @@
 
 from ghn import zoo
 from ghn.graph import Graph, trace
+from ghn.hypernet import GHN, GHNConfig, with_params
 
 __version__ = "0.1.0"
 
-__all__ = ["Graph", "trace", "zoo", "__version__"]
+__all__ = ["GHN", "GHNConfig", "Graph", "trace", "with_params", "zoo", "__version__"]

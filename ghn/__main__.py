@@ -1,0 +1,3 @@
+from ghn.cli import main
+
+main()

@@ -1,0 +1,113 @@
+"""`GHNConfig`: every size and switch of the hypernetwork, with a JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+DECODERS = ("lowrank", "tiled")
+PAST_MAX_DIM = ("error", "wrap")
+
+# Named sizes. LoGAH-Tiny is the paper's (d=64, 3 layers, 8 heads, r=32).
+# The larger ones are our choice: the width d grows ~1.5-2x per step, depth
+# follows GHN-3 (3 -> 5 -> 8 -> 12 layers), head width stays 16, and the rank
+# follows the reference code's r = d / 2. The decoder's last layer
+# (8d x 2r^2 = 4 d^3 weights) and W2 (r x K) dominate the count: 3.0M, 13.3M,
+# 38.1M and 85.5M parameters at K = 50304 (see `num_params`).
+NAMED: dict[str, dict[str, int]] = {
+    "tiny": dict(d_model=64, num_layers=3, num_heads=8, rank=32),
+    "small": dict(d_model=128, num_layers=5, num_heads=8, rank=64),
+    "base": dict(d_model=192, num_layers=8, num_heads=12, rank=96),
+    "large": dict(d_model=256, num_layers=12, num_heads=16, rank=128),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GHNConfig:
+    """Hyperparameters of a `GHN`.
+
+    Attributes:
+      d_model: node embedding width d (divisible by 4 and by `num_heads`).
+      num_layers / num_heads / mlp_ratio: the graph transformer encoder.
+      rank: r of the low-rank decoder; every predicted matrix has rank <= r.
+      max_dim: K, the widest parameter dimension (c_out*k_h or c_in*k_w) the
+        low-rank decoder produces without repeating columns. 50304 covers
+        GPT-2's 50257-token vocabulary and every width of GPT-2 XL.
+      decoder: "lowrank" (LoGAH) or "tiled" (the GHN-3 baseline).
+      paper_parity: reproduce the reference code's row-major `view` of Z
+        instead of the intended transpose (for comparisons only).
+      past_max_dim: a dimension larger than K is an error ("error"), or
+        row/column j reuses decoder column j mod K ("wrap", i.e. tiling).
+      tile: chunk size of the tiled decoder.
+      max_spd: shortest-path distances >= max_spd share one bucket; an
+        unreachable pair has its own id, max_spd + 1.
+      max_degree: in/out degrees are clipped to this.
+    """
+
+    d_model: int = 64
+    num_layers: int = 3
+    num_heads: int = 8
+    mlp_ratio: int = 4
+    rank: int = 32
+    max_dim: int = 50304
+    decoder: str = "lowrank"
+    paper_parity: bool = False
+    past_max_dim: str = "error"
+    tile: int = 64
+    max_spd: int = 50
+    max_degree: int = 32
+
+    def __post_init__(self):
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+        if self.past_max_dim not in PAST_MAX_DIM:
+            raise ValueError(
+                f"past_max_dim must be one of {PAST_MAX_DIM}, got {self.past_max_dim!r}"
+            )
+        if self.d_model % 4 or self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by 4 (shape encoding) and by "
+                f"num_heads={self.num_heads}"
+            )
+        for name in ("d_model", "num_layers", "num_heads", "mlp_ratio", "rank", "max_dim", "tile"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_spd < 1 or self.max_degree < 1:
+            raise ValueError("max_spd and max_degree must be >= 1")
+
+    @classmethod
+    def named(cls, name: str, **overrides: Any) -> GHNConfig:
+        """A named size ("tiny", "small", "base", "large"), optionally overridden."""
+        if name not in NAMED:
+            raise ValueError(f"unknown GHN size {name!r}; choose from {sorted(NAMED)}")
+        return cls(**{**NAMED[name], **overrides})
+
+    def replace(self, **changes: Any) -> GHNConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, data: str | bytes | dict[str, Any]) -> GHNConfig:
+        """Inverse of `to_json`; also takes an already-parsed dict."""
+        d = json.loads(data) if isinstance(data, str | bytes) else dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GHNConfig keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+def num_params(config: GHNConfig) -> int:
+    """Number of parameters of `GHN(config)`, computed without allocating them."""
+    from flax import nnx
+
+    # Imported here: the model module imports this one.
+    from ghn.hypernet.model import GHN, param_count
+
+    return param_count(nnx.eval_shape(lambda: GHN(config, rngs=nnx.Rngs(0))))

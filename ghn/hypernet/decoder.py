@@ -1,0 +1,162 @@
+"""Parameter decoders: LoGAH's low-rank decoder and the GHN-3 tiled baseline.
+
+Both map node embeddings `e_Gxd` to matrices of a static size (rows, cols),
+where rows = c_out * k_h and cols = c_in * k_w of the parameter's canonical
+layout. A 1-D parameter (bias, norm scale) of size C is decoded with
+rows=2, cols=C and the caller picks row 0 or 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ghn.hypernet.config import GHNConfig
+
+
+class _MLP(nnx.Module):
+    """d -> 4d -> 8d -> out with ReLU between layers (GHN-3's decoder widths)."""
+
+    def __init__(self, d: int, out: int, *, rngs: nnx.Rngs):
+        self.fc1 = nnx.Linear(d, 4 * d, rngs=rngs)
+        self.fc2 = nnx.Linear(4 * d, 8 * d, rngs=rngs)
+        self.fc3 = nnx.Linear(8 * d, out, rngs=rngs)
+
+    def __call__(self, x):
+        return self.fc3(jax.nn.relu(self.fc2(jax.nn.relu(self.fc1(x)))))
+
+
+class LowRankDecoder(nnx.Module):
+    """LoGAH: W = A @ B with A (rows x r), B (r x cols) decoded from one embedding.
+
+    M = MLP(e) reshaped to (2r, r); Z = ReLU(M) @ W2 + b2 with W2 (r, K), so
+    Z is (2r, K). By default A = Z[:r, :rows]^T and B = Z[r:, :cols]: every
+    row of A and column of B mixes all 2r rows of M. Only the W2 columns a
+    parameter needs are multiplied, so the cost is O(r^2 (rows + cols)),
+    independent of K.
+
+    `paper_parity=True` reproduces the reference code, which reads Z through
+    a row-major `view(2K, r)`: A is the first `rows` rows of that view and B
+    the transposed first `cols` rows of its second half. Then row i of A is
+    Z[0, i*r:(i+1)*r] for i < K/r, so any parameter up to K/r wide depends on
+    only Z rows 0 and r, i.e. 2 of the 2r rows of M. That path needs all K
+    columns of the Z rows it touches.
+
+    Dimensions above K raise a ValueError (`past_max_dim="error"`) or reuse
+    decoder column j mod K for column j (`"wrap"`, i.e. tiling with period K;
+    in paper-parity mode, row j of the view reuses row j mod K).
+    """
+
+    def __init__(self, config: GHNConfig, *, rngs: nnx.Rngs):
+        d, r, k = config.d_model, config.rank, config.max_dim
+        self.rank, self.max_dim = r, k
+        self.paper_parity = config.paper_parity
+        self.past_max_dim = config.past_max_dim
+        self.mlp = _MLP(d, 2 * r * r, rngs=rngs)
+        # Fan-in init of a Linear(r, K), stored (r, K) so columns slice cheaply.
+        self.w2 = nnx.Param(jax.random.normal(rngs.params(), (r, k)) * r**-0.5)
+        self.b2 = nnx.Param(jnp.zeros((k,)))
+
+    def _check(self, n: int, what: str) -> None:
+        if not isinstance(n, int | np.integer) or n < 1:
+            raise ValueError(f"{what} must be a positive static int, got {n!r}")
+        if n > self.max_dim and self.past_max_dim == "error":
+            raise ValueError(
+                f"a parameter needs {what}={n}, more than the decoder's max_dim K={self.max_dim}. "
+                f"Build the GHN with a larger max_dim (GHNConfig(max_dim={n}) or more), or set "
+                "past_max_dim='wrap' to reuse decoder columns modulo K (tiling)."
+            )
+
+    def hidden(self, e_Gxd: jax.Array) -> jax.Array:
+        """M = MLP(e) as (G, 2r, r), before the ReLU."""
+        r = self.rank
+        return self.mlp(e_Gxd).reshape(e_Gxd.shape[0], 2 * r, r)
+
+    def _columns(self, n: int) -> tuple[jax.Array, jax.Array]:
+        w2_rxK, b2_K = self.w2[...], self.b2[...]
+        if n <= self.max_dim:
+            return w2_rxK[:, :n], b2_K[:n]
+        idx = np.arange(n) % self.max_dim
+        return jnp.take(w2_rxK, idx, axis=1), jnp.take(b2_K, idx)
+
+    def _z(self, m_Gx2rxr: jax.Array, start: int, stop: int, n: int) -> jax.Array:
+        w2_rxn, b2_n = self._columns(n)
+        z_Gxsxn = jnp.einsum("gsr,rn->gsn", jax.nn.relu(m_Gx2rxr[:, start:stop]), w2_rxn)
+        return z_Gxsxn + b2_n[None, None, :]
+
+    def z_rows(self, e_Gxd: jax.Array, start: int, stop: int, num_cols: int) -> jax.Array:
+        """Z[:, start:stop, :num_cols], computing nothing else (exposed for tests)."""
+        self._check(num_cols, "num_cols")
+        return self._z(self.hidden(e_Gxd), start, stop, num_cols)
+
+    def _view_rows(self, m_Gx2rxr: jax.Array, start: int, n: int) -> jax.Array:
+        """First n rows of Z[:, start:start+r].reshape(G, K, r), row-major (paper parity)."""
+        g, r, k = m_Gx2rxr.shape[0], self.rank, self.max_dim
+        n_view = min(n, k)
+        # Rows i < n_view of the view read the flat range [0, n_view * r).
+        z_rows = math.ceil(n_view * r / k)
+        z_Gxsxk = self._z(m_Gx2rxr, start, start + z_rows, k)
+        v_Gxnxr = z_Gxsxk.reshape(g, z_rows * k)[:, : n_view * r].reshape(g, n_view, r)
+        if n > k:
+            v_Gxnxr = jnp.take(v_Gxnxr, np.arange(n) % k, axis=1)
+        return v_Gxnxr
+
+    def factors(self, e_Gxd: jax.Array, rows: int, cols: int) -> tuple[jax.Array, jax.Array]:
+        """(A_GxRxr, B_Gxrxc) with W = A @ B of shape (G, rows, cols)."""
+        self._check(rows, "rows")
+        self._check(cols, "cols")
+        r = self.rank
+        m_Gx2rxr = self.hidden(e_Gxd)
+        if self.paper_parity:
+            a_GxRxr = self._view_rows(m_Gx2rxr, 0, rows)
+            b_Gxrxc = self._view_rows(m_Gx2rxr, r, cols).transpose(0, 2, 1)
+        else:
+            a_GxRxr = self._z(m_Gx2rxr, 0, r, rows).transpose(0, 2, 1)
+            b_Gxrxc = self._z(m_Gx2rxr, r, 2 * r, cols)
+        return a_GxRxr, b_Gxrxc
+
+    def full(self, e_Gxd: jax.Array, rows: int, cols: int) -> jax.Array:
+        """W_GxRxC = A @ B."""
+        a_GxRxr, b_Gxrxc = self.factors(e_Gxd, rows, cols)
+        return jnp.einsum("gir,grj->gij", a_GxRxr, b_Gxrxc)
+
+
+class TiledDecoder(nnx.Module):
+    """GHN-3 baseline: one (tile, tile) chunk per node, repeated to cover (rows, cols).
+
+    Simplified from GHN-3's conv decoder: the chunk is produced in the
+    canonical (c_out*k_h, c_in*k_w) layout, so spatial kernels are tiled like
+    channels instead of having their own k x k decoder head. Any size is
+    covered (there is no K), which is the defect LoGAH removes: weights wider
+    than `tile` repeat with period `tile`.
+    """
+
+    def __init__(self, config: GHNConfig, *, rngs: nnx.Rngs):
+        self.tile = config.tile
+        self.mlp = _MLP(config.d_model, config.tile * config.tile, rngs=rngs)
+
+    def chunk(self, e_Gxd: jax.Array) -> jax.Array:
+        t = self.tile
+        return self.mlp(e_Gxd).reshape(e_Gxd.shape[0], t, t)
+
+    def factors(self, e_Gxd, rows, cols):
+        raise NotImplementedError("the tiled decoder is not low rank; use .full(e, rows, cols)")
+
+    def full(self, e_Gxd: jax.Array, rows: int, cols: int) -> jax.Array:
+        """W_GxRxC: the node's chunk tiled over (rows, cols) and cropped."""
+        t = self.tile
+        reps = (1, -(-rows // t), -(-cols // t))
+        return jnp.tile(self.chunk(e_Gxd), reps)[:, :rows, :cols]
+
+
+Decoder = LowRankDecoder | TiledDecoder
+
+
+def make_decoder(config: GHNConfig, *, rngs: nnx.Rngs) -> Decoder:
+    if config.decoder == "lowrank":
+        return LowRankDecoder(config, rngs=rngs)
+    return TiledDecoder(config, rngs=rngs)

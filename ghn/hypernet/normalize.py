@@ -1,0 +1,90 @@
+"""How raw decoder outputs become parameters: one table, per parameter role.
+
+Matrices (dense and conv kernels, embeddings, ...) are rescaled to a target
+standard deviation: the decoder picks the direction, the table picks the
+scale, so a predicted init is never badly scaled whatever the GHN learned.
+Vectors (biases, norm scales) are squashed around their usual value with tanh.
+
+Fan-in comes from `ParamInfo`, i.e. from the axes the forward pass actually
+contracts, never from an assumed storage layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from ghn.graph import Graph, ParamInfo
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """`kind="rms"`: scale to std `gain / sqrt(fan_in)` (or fixed `std`).
+
+    `kind="squash"`: `center + amplitude * tanh(raw)`.
+    """
+
+    kind: str
+    gain: float = 1.0
+    std: float | None = None
+    center: float = 0.0
+    amplitude: float = 0.0
+
+
+RULES: dict[str, Rule] = {
+    # LeCun fan-in scaling; GPT-2's extra 1/sqrt(2 * n_layer) on residual
+    # output projections is applied on top (see `target_std`).
+    "dense": Rule("rms", gain=1.0),
+    # He fan-in scaling: conv layers are followed by ReLU-family activations.
+    "conv": Rule("rms", gain=2.0),
+    "embedding": Rule("rms", std=0.02),
+    "pos_embedding": Rule("rms", std=0.02),
+    "cls_token": Rule("rms", std=0.02),
+    "other": Rule("rms", std=0.02),
+    "norm_scale": Rule("squash", center=1.0, amplitude=0.25),
+    "scale": Rule("squash", center=1.0, amplitude=0.25),
+    "norm_bias": Rule("squash", center=0.0, amplitude=0.1),
+    "bias": Rule("squash", center=0.0, amplitude=0.1),
+}
+
+EPS = 1e-12
+
+
+def residual_projections(graph: Graph) -> set[str]:
+    """Dense kernels whose output goes (through at most its bias) into a residual sum."""
+    succ: dict[int, list[int]] = {}
+    for s, t in graph.edges:
+        succ.setdefault(int(s), []).append(int(t))
+    out = set()
+    for path, info in graph.params.items():
+        if info.role != "dense":
+            continue
+        frontier = succ.get(info.node, [])
+        bias = [n for n in frontier if graph.node_ops[n] == "bias"]
+        if len(frontier) == 1 and bias:
+            frontier = succ.get(bias[0], [])
+        if frontier and all(graph.node_ops[n] == "sum" for n in frontier):
+            out.add(path)
+    return out
+
+
+def target_stds(graph: Graph) -> dict[str, float]:
+    """Target std for every parameter with an "rms" rule."""
+    residual = residual_projections(graph)
+    n_layer = max(1, math.ceil(len(residual) / 2))
+    out = {}
+    for path, info in graph.params.items():
+        rule = RULES[info.role]
+        if rule.kind != "rms":
+            continue
+        std = target_std(info, rule)
+        if path in residual:
+            std /= math.sqrt(2 * n_layer)
+        out[path] = std
+    return out
+
+
+def target_std(info: ParamInfo, rule: Rule) -> float:
+    if rule.std is not None:
+        return rule.std
+    return math.sqrt(rule.gain / max(info.fan_in, 1))

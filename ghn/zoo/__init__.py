@@ -1,0 +1,36 @@
+"""Target architectures: ViT, GPT-2, ResNet and cell-network families as NNX models.
+
+An architecture is a frozen, hashable spec; `spec.build(rngs=...)` makes the
+model, `nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))` its abstract
+version (no allocation, how GPT-2 XL gets traced).
+
+    spec = zoo.get("vit-s", image_size=32, patch_size=4, num_classes=10)
+    specs = zoo.sample("vits-1k", 100, seed=0, image_size=28, in_channels=1)
+    model = spec.build(rngs=nnx.Rngs(0))
+    logits = model(spec.example_input())
+"""
+
+from ghn.zoo.cellnet import OPS, CellNetSpec
+from ghn.zoo.dataset import load_dataset, write_dataset
+from ghn.zoo.gpt2 import GPT2Spec
+from ghn.zoo.presets import get, presets
+from ghn.zoo.resnet import ResNetSpec
+from ghn.zoo.samplers import SAMPLERS, sample
+from ghn.zoo.spec import ArchSpec, spec_from_json
+from ghn.zoo.vit import ViTSpec
+
+__all__ = [
+    "OPS",
+    "SAMPLERS",
+    "ArchSpec",
+    "CellNetSpec",
+    "GPT2Spec",
+    "ResNetSpec",
+    "ViTSpec",
+    "get",
+    "load_dataset",
+    "presets",
+    "sample",
+    "spec_from_json",
+    "write_dataset",
+]

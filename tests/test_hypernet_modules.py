@@ -1,0 +1,300 @@
+"""GHN building blocks: config, graph batching, encoder, low-rank and tiled decoders."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from custom_models import Llama
+from flax import nnx
+
+import ghn
+from ghn.hypernet.batch import SHAPE_VOCAB, GraphBatch, make_batch, padded_size, shape_bucket
+from ghn.hypernet.config import GHNConfig, num_params
+from ghn.hypernet.decoder import LowRankDecoder, TiledDecoder
+from ghn.hypernet.encoder import Encoder
+from ghn.hypernet.model import GHN, param_count
+
+# The real default config, shrunk: fast on 2 CPU cores.
+SMALL = GHNConfig(d_model=16, num_layers=2, num_heads=2, rank=4, max_dim=64, tile=8)
+
+
+@pytest.fixture(scope="module")
+def graphs():
+    """A 17-node and a 43-node Llama graph (padded to 32 and 64 nodes)."""
+    ids = jnp.zeros((2, 8), jnp.int32)
+    small = ghn.trace(Llama(depth=1, rngs=nnx.Rngs(0)), ids)
+    big = ghn.trace(Llama(depth=3, rngs=nnx.Rngs(0)), ids)
+    assert small.num_nodes == 17 and big.num_nodes == 43
+    return small, big
+
+
+@pytest.fixture(scope="module")
+def small_ghn():
+    return GHN(SMALL, rngs=nnx.Rngs(0))
+
+
+@nnx.jit
+def encode(model, batch):
+    return model.encode(batch)
+
+
+def embeddings(g, d, seed=0):
+    # NumPy, not jax.random: every new shape would cost a PRNG compilation.
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(g, d)), jnp.float32)
+
+
+def test_config_json_round_trip_and_named_sizes():
+    cfg = GHNConfig.named("small", paper_parity=True, past_max_dim="wrap")
+    assert GHNConfig.from_json(cfg.to_json()) == cfg
+    assert GHNConfig.from_json(cfg.to_dict()) == cfg
+    tiny = GHNConfig.named("tiny")
+    assert (tiny.d_model, tiny.num_layers, tiny.num_heads, tiny.rank) == (64, 3, 8, 32)
+    assert tiny.max_dim >= 50257 and tiny.max_dim >= 4 * 1600
+    with pytest.raises(ValueError, match="unknown GHNConfig keys"):
+        GHNConfig.from_json('{"d_modle": 64}')
+    with pytest.raises(ValueError, match="decoder"):
+        GHNConfig(decoder="dense")
+    with pytest.raises(ValueError, match="past_max_dim"):
+        GHNConfig(past_max_dim="tile")
+    with pytest.raises(ValueError, match="unknown GHN size"):
+        GHNConfig.named("huge")
+
+
+def test_param_count_close_to_reference_logah_tiny(small_ghn):
+    # The reference LoGAH-Tiny (d=64, r=32, K = 16 * 2048) has 2.54M parameters.
+    # Ours has 2,446,528: the decoder is identical (2,280,192); the encoder
+    # has no edge MLP in its first layer (reference: 25,224) and smaller
+    # degree / input-distance tables (33 and 52 rows instead of 101 and 1001).
+    n = num_params(GHNConfig.named("tiny", max_dim=32768))
+    assert n == 2_446_528
+    assert abs(n - 2.54e6) / 2.54e6 < 0.05
+    assert num_params(SMALL) == param_count(small_ghn)
+
+
+def test_shape_bucket_is_nearest_in_log_space():
+    vocab = np.asarray(SHAPE_VOCAB)
+    assert np.all(np.diff(vocab) > 0) and vocab[0] == 0
+    assert {1, 3, 768, 1000, 1600, 3072, 6400, 50257} <= set(SHAPE_VOCAB)
+    sizes = np.concatenate([np.arange(0, 3000), np.random.default_rng(0).integers(1, 70000, 3000)])
+    ids = shape_bucket(sizes)
+    assert ids.dtype == np.int32 and ids.shape == sizes.shape
+    assert ids[0] == 0
+    pos = sizes > 0
+    err = np.abs(np.log(sizes[pos])[:, None] - np.log(vocab[1:])[None, :])
+    # Chosen entry is the log-nearest (ties broken either way).
+    chosen = np.abs(np.log(sizes[pos]) - np.log(vocab[ids[pos]]))
+    np.testing.assert_allclose(chosen, err.min(axis=1), atol=1e-12)
+    assert vocab[shape_bucket([50257, 1000, 1, 10**6])].tolist() == [50257, 1000, 1, 65536]
+    assert shape_bucket(np.zeros((2, 4), int)).shape == (2, 4)
+
+
+def test_make_batch_buckets_masks_and_ids(graphs):
+    small, big = graphs
+    assert padded_size(17) == 32 and padded_size(64) == 64 and padded_size(1025) == 1280
+    assert padded_size(17, buckets=(8, 16)) == 256
+
+    batch = make_batch([small], SMALL)
+    assert batch.mask_BxN.shape == (1, 32) and batch.mask_BxN.sum() == 17
+    batch = make_batch([small, big], SMALL)
+    assert isinstance(batch, GraphBatch) and (batch.num_graphs, batch.num_nodes) == (2, 64)
+    assert batch.mask_BxN.sum(axis=1).tolist() == [17, 43]
+    assert batch.op_ids_BxN.dtype == np.int32
+    np.testing.assert_array_equal(batch.op_ids_BxN[1, :43], big.op_ids)
+    np.testing.assert_array_equal(batch.shape_ids_BxNx4[0, :17], shape_bucket(small.node_shapes))
+    n_spd = SMALL.max_spd
+    assert np.all(np.diagonal(batch.spd_fwd_BxNxN[:, :17, :17], axis1=1, axis2=2) == 0)
+    assert np.all(batch.spd_fwd_BxNxN[0, 17:] == n_spd + 1)
+    assert np.all(batch.spd_fwd_BxNxN[0, :, 17:] == n_spd + 1)
+    np.testing.assert_array_equal(batch.spd_bwd_BxNxN, batch.spd_fwd_BxNxN.transpose(0, 2, 1))
+    fwd = big.spd_fwd
+    np.testing.assert_array_equal(
+        batch.spd_fwd_BxNxN[1, :43, :43], np.where(fwd < 0, n_spd + 1, fwd)
+    )
+    np.testing.assert_array_equal(batch.input_dist_BxN[1, :43], big.input_distance)
+
+    # Clipping: distances past max_spd share a bucket, unreachable has its own id.
+    clipped = make_batch([big], GHNConfig(max_spd=3, max_degree=1))
+    spd = clipped.spd_fwd_BxNxN[0, :43, :43]
+    np.testing.assert_array_equal(spd, np.where(fwd < 0, 4, np.minimum(fwd, 3)))
+    np.testing.assert_array_equal(clipped.input_dist_BxN[0, :43], np.minimum(big.input_distance, 3))
+    np.testing.assert_array_equal(clipped.in_degree_BxN[0, :43], np.minimum(big.in_degree, 1))
+    assert clipped.out_degree_BxN.max() == 1 and big.out_degree.max() > 1
+
+
+def test_encoder_padding_and_batching_do_not_change_outputs(graphs, small_ghn):
+    small, big = graphs
+    alone_small = encode(small_ghn, make_batch([small], SMALL))
+    alone_big = encode(small_ghn, make_batch([big], SMALL))
+    both = encode(small_ghn, make_batch([big, small], SMALL))
+    assert alone_small.shape == (1, 32, 16) and both.shape == (2, 64, 16)
+    assert bool(jnp.all(jnp.isfinite(both)))
+    # The small graph is padded with 15 more nodes in the batch than alone.
+    np.testing.assert_allclose(both[1, :17], alone_small[0, :17], atol=1e-5)
+    np.testing.assert_allclose(both[0, :43], alone_big[0, :43], atol=1e-5)
+    assert float(jnp.abs(both[1, 17:]).max()) == 0.0
+    assert float(jnp.abs(alone_small[0, :17]).min(axis=-1).max()) > 0
+
+
+def test_spd_attention_bias_changes_outputs(graphs, small_ghn):
+    small, _ = graphs
+    batch = make_batch([small], SMALL)
+    base = encode(small_ghn, batch)
+    spd = np.array(batch.spd_fwd_BxNxN)
+    assert spd[0, 3, 10] != 1
+    spd[0, 3, 10] = 1  # node 3 now "sees" node 10 one hop ahead
+    moved = encode(small_ghn, batch.replace(spd_fwd_BxNxN=spd))
+    delta = jnp.abs(moved - base).max(axis=-1)[0]
+    assert float(delta[3]) > 1e-6
+    assert float(delta[17:].max()) == 0.0  # padded rows stay zero
+
+
+def test_lowrank_factor_shapes_full_and_rank(small_ghn):
+    dec = small_ghn.decoder
+    e = embeddings(3, 16)
+    a, b = dec.factors(e, 32, 40)
+    assert a.shape == (3, 32, 4) and b.shape == (3, 4, 40)
+    w = np.asarray(dec.full(e, 32, 40))
+    assert w.shape == (3, 32, 40)
+    np.testing.assert_allclose(w, np.einsum("gir,grj->gij", a, b), rtol=1e-5, atol=1e-5)
+    for wi in w:
+        assert np.linalg.matrix_rank(wi) <= SMALL.rank
+    assert dec.full(e, 2, 7).shape == (3, 2, 7)  # 1-D parameters: two rows
+
+
+@pytest.mark.parametrize("paper_parity", [False, True])
+def test_lowrank_slicing_is_exact(paper_parity):
+    cfg = SMALL.replace(paper_parity=paper_parity)
+    dec = LowRankDecoder(cfg, rngs=nnx.Rngs(0))
+    e = embeddings(2, 16)
+    big = dec.full(e, 60, 64)
+    np.testing.assert_allclose(dec.full(e, 5, 7), big[:, :5, :7], rtol=1e-5, atol=1e-6)
+
+    # A decoder with a larger K agrees wherever the smaller one is defined
+    # (default mode): only the columns that are used matter.
+    if not paper_parity:
+        wide = LowRankDecoder(cfg.replace(max_dim=4096), rngs=nnx.Rngs(0))
+        nnx.update(wide.mlp, nnx.state(dec.mlp))
+        wide.w2[...] = wide.w2[...].at[:, :64].set(dec.w2[...])
+        np.testing.assert_allclose(wide.full(e, 60, 64), big, rtol=1e-5, atol=1e-5)
+
+
+def test_lowrank_does_not_tile():
+    dec = LowRankDecoder(SMALL.replace(max_dim=4096), rngs=nnx.Rngs(0))
+    w = dec.full(embeddings(1, 16), 4096, 8)
+    assert not np.allclose(w[:, :2048], w[:, 2048:], atol=1e-3)
+    assert float(jnp.abs(w[:, :2048] - w[:, 2048:]).mean()) > 0.1 * float(jnp.abs(w).mean())
+
+
+def test_paper_parity_matches_hand_computation():
+    cfg = SMALL.replace(rank=2, max_dim=6)
+    e = embeddings(3, 16)
+    for parity in (False, True):
+        dec = LowRankDecoder(cfg.replace(paper_parity=parity), rngs=nnx.Rngs(1))
+        dec.b2[...] = embeddings(1, 6, seed=5)[0]
+        m = np.asarray(dec.hidden(e))
+        assert m.shape == (3, 4, 2)
+        z = np.maximum(m, 0) @ np.asarray(dec.w2[...]) + np.asarray(dec.b2[...])  # (3, 4, 6)
+        np.testing.assert_allclose(dec.z_rows(e, 0, 4, 6), z, rtol=1e-5, atol=1e-6)
+        rows, cols = 5, 4
+        if parity:
+            v = z.reshape(3, 12, 2)  # torch's row-major .view(-1, 2K, r)
+            a_ref, b_ref = v[:, :6][:, :rows], v[:, 6:][:, :cols].transpose(0, 2, 1)
+        else:
+            a_ref, b_ref = z[:, :2, :rows].transpose(0, 2, 1), z[:, 2:, :cols]
+        a, b = dec.factors(e, rows, cols)
+        np.testing.assert_allclose(a, a_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b, b_ref, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(dec.full(e, rows, cols), a_ref @ b_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_paper_parity_defect_with_large_k():
+    # With K >> r, the first K/r rows of A are consecutive chunks of Z row 0,
+    # and B comes from Z row r: two of the 2r rows of M decide the weight.
+    k, r = 4096, 4
+    cfg = SMALL.replace(max_dim=k)
+    e = embeddings(2, 16)
+    rows = k // r
+    parity = LowRankDecoder(cfg.replace(paper_parity=True), rngs=nnx.Rngs(0))
+    a, b = parity.factors(e, rows, rows)
+    z0 = parity.z_rows(e, 0, 1, k)[:, 0]
+    zr = parity.z_rows(e, r, r + 1, k)[:, 0]
+    np.testing.assert_allclose(a.reshape(2, -1), z0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b.transpose(0, 2, 1).reshape(2, -1), zr, rtol=1e-5, atol=1e-6)
+    # The intended transpose uses all r rows of Z[:r] for every row of A.
+    default = LowRankDecoder(cfg, rngs=nnx.Rngs(0))
+    a, _ = default.factors(e, rows, rows)
+    np.testing.assert_allclose(
+        a.transpose(0, 2, 1), default.z_rows(e, 0, r, rows), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_past_max_dim_error_and_wrap():
+    e = embeddings(2, 16)
+    dec = LowRankDecoder(SMALL, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"rows=65.*K=64.*max_dim"):
+        dec.factors(e, 65, 8)
+    with pytest.raises(ValueError, match=r"cols=100.*K=64"):
+        dec.full(e, 8, 100)
+    for parity in (False, True):
+        wrap = LowRankDecoder(
+            SMALL.replace(past_max_dim="wrap", paper_parity=parity), rngs=nnx.Rngs(0)
+        )
+        w = wrap.full(e, 100, 130)
+        assert w.shape == (2, 100, 130)
+        np.testing.assert_allclose(w[:, 64:100], w[:, :36], rtol=1e-6)
+        np.testing.assert_allclose(w[:, :, 64:128], w[:, :, :64], rtol=1e-6)
+        np.testing.assert_allclose(w[:, :64, :64], wrap.full(e, 64, 64), rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_decoder_repeats_with_period_tile():
+    dec = TiledDecoder(SMALL.replace(decoder="tiled"), rngs=nnx.Rngs(0))
+    e = embeddings(3, 16)
+    w = dec.full(e, 21, 19)
+    assert w.shape == (3, 21, 19)
+    np.testing.assert_array_equal(w[:, 8:16], w[:, :8])
+    np.testing.assert_array_equal(w[:, :, 8:16], w[:, :, :8])
+    np.testing.assert_array_equal(w[:, :8, :8], dec.chunk(e))
+    with pytest.raises(NotImplementedError):
+        dec.factors(e, 8, 8)
+
+
+def test_gradients_reach_every_parameter(graphs, small_ghn):
+    small, _ = graphs
+    model = small_ghn
+    batch = jax.tree.map(jnp.asarray, make_batch([small], SMALL))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    n = small.num_nodes
+    target = embeddings(n * 24, 20, seed=1).reshape(n, 24, 20)
+
+    def loss(params):
+        m = nnx.merge(graphdef, params, rest)
+        e_nxd = m.encode(batch)[0, :n]
+        w = m.decoder.full(e_nxd, 24, 20)
+        return jnp.sum(w * target) + jnp.sum(m.decoder.full(e_nxd, 2, 8) ** 2)
+
+    grads = jax.jit(jax.grad(loss))(params)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    assert len(flat) == len(jax.tree_util.tree_leaves(params))
+    for path, g in flat:
+        assert bool(jnp.all(jnp.isfinite(g))), jax.tree_util.keystr(path)
+        assert float(jnp.abs(g).max()) > 0, f"zero gradient for {jax.tree_util.keystr(path)}"
+
+
+def test_ghn_module_defaults(graphs):
+    # Abstract (nothing allocated): the default is LoGAH-Tiny with K = 50304.
+    model = nnx.eval_shape(lambda: GHN(rngs=nnx.Rngs(0)))
+    assert model.config == GHNConfig.named("tiny")
+    assert isinstance(model.encoder, Encoder) and isinstance(model.decoder, LowRankDecoder)
+    assert param_count(model) == num_params(model.config)
+    graphdef, state = nnx.split(model)
+    batch = make_batch(list(graphs), model.config)
+
+    def run(state):
+        m = nnx.merge(graphdef, state)
+        nodes_BxNxD = m.encode(batch)
+        # GPT-2's vocabulary fits in K: no error, no tiling.
+        return nodes_BxNxD, m.decoder.factors(nodes_BxNxD[1, :4], 50257, 1600)
+
+    nodes, (a, b) = jax.eval_shape(run, state)
+    assert nodes.shape == (2, 64, 64)
+    assert a.shape == (4, 50257, 32) and b.shape == (4, 32, 1600)
