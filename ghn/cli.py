@@ -70,6 +70,43 @@ def cmd_trace(args) -> None:
         print("wrote", args.save)
 
 
+def cmd_predict(args) -> None:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    import ghn
+    from ghn.hypernet.predict import prepare
+
+    spec = load_spec(args.arch, _parse_overrides(args.set))
+    config = ghn.GHNConfig.named(args.config)
+    start = time.perf_counter()
+    hyper = ghn.GHN(config, rngs=nnx.Rngs(args.seed))
+    print(
+        f"GHN ({args.config}, {ghn.hypernet.param_count(hyper):,} params, untrained, "
+        f"seed {args.seed}) built in {time.perf_counter() - start:.1f}s"
+    )
+    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    x = spec.input_spec(batch_size=1)
+    start = time.perf_counter()
+    graph = prepare(model, (x,), config).graph
+    print(
+        f"{spec.name}: {spec.num_params():,} params, {graph.num_nodes} nodes, traced in "
+        f"{time.perf_counter() - start:.2f}s"
+    )
+    for label in ("first call (compiles)", "second call"):
+        start = time.perf_counter()
+        params = jax.block_until_ready(hyper.predict(model, x))
+        print(f"predict, {label}: {time.perf_counter() - start:.2f}s")
+    by_role: dict[str, list] = {}
+    for info, value in zip(graph.params.values(), jax.tree.leaves(params)):
+        by_role.setdefault(info.role, []).append(np.asarray(value[(slice(0, 256),) * value.ndim]))
+    print(f"{'role':<14}{'count':>6}{'mean':>10}{'std':>10}")
+    for role, values in sorted(by_role.items()):
+        flat = np.concatenate([v.ravel() for v in values])
+        print(f"{role:<14}{len(values):>6}{flat.mean():>10.4f}{flat.std():>10.4f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ghn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save", help="write the graph arrays to this .npz")
     p.add_argument("--summary", action="store_true", help="print every node")
     p.set_defaults(fn=cmd_trace)
+    p = sub.add_parser("predict", help="predict all parameters of an architecture, with timings")
+    p.add_argument("arch", help="preset name, spec JSON file, or dataset.json:split:index")
+    p.add_argument("--set", action="append", default=[], help="spec override key=value")
+    p.add_argument("--config", default="tiny", help="GHN size: tiny, small, base, large")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_predict)
     args = parser.parse_args(argv)
     args.fn(args)
 

@@ -23,8 +23,9 @@ def resolve_process(process_index: int | None, process_count: int | None) -> tup
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
-                         f"{process_count}")
+        raise ValueError(
+            f"need 0 <= process_index < process_count, got {process_index}, {process_count}"
+        )
     return process_index, process_count
 
 
@@ -55,8 +56,10 @@ class DataIterator:
     ):
         self.process_index, self.process_count = resolve_process(process_index, process_count)
         if batch_size <= 0 or batch_size % self.process_count:
-            raise ValueError(f"global batch_size {batch_size} must be a positive multiple of "
-                             f"process_count {self.process_count}")
+            raise ValueError(
+                f"global batch_size {batch_size} must be a positive multiple of "
+                f"process_count {self.process_count}"
+            )
         if num_epochs is not None and num_epochs < 0:
             raise ValueError(f"num_epochs must be >= 0 or None, got {num_epochs}")
         self.batch_size = batch_size
@@ -68,8 +71,10 @@ class DataIterator:
         self._epoch = self._batch = self._step = 0
         self._order_cache: tuple[int, np.ndarray] | None = None
         if self.steps_per_epoch(0) == 0:
-            raise ValueError(f"{len(self._order(0))} examples do not fill one batch of "
-                             f"{batch_size} (drop_remainder={drop_remainder})")
+            raise ValueError(
+                f"{len(self._order(0))} examples do not fill one batch of "
+                f"{batch_size} (drop_remainder={drop_remainder})"
+            )
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._order_cache is None or self._order_cache[0] != epoch:
@@ -88,10 +93,12 @@ class DataIterator:
         return self
 
     def __next__(self) -> Batch:
-        while self._batch >= self.steps_per_epoch(self._epoch):
+        while True:
+            if self.num_epochs is not None and self._epoch >= self.num_epochs:
+                raise StopIteration
+            if self._batch < self.steps_per_epoch(self._epoch):
+                break
             self._epoch, self._batch = self._epoch + 1, 0
-        if self.num_epochs is not None and self._epoch >= self.num_epochs:
-            raise StopIteration
         B, b = self.batch_size, self.local_batch_size
         ids = self._order(self._epoch)[self._batch * B : (self._batch + 1) * B]
         valid = np.arange(B) < len(ids)
@@ -121,3 +128,14 @@ class DataIterator:
         if min(epoch, batch, step) < 0:
             raise ValueError(f"malformed data iterator state {state!r}")
         self._epoch, self._batch, self._step = epoch, batch, step
+
+
+def to_global_arrays(batch: Batch, sharding) -> dict[str, Any]:
+    """Assemble every process's rows into global jax.Arrays laid out by `sharding`.
+
+    Rows are split over the sharding's first axis in process order, which is how
+    `DataIterator` assigns them.
+    """
+    import jax
+
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

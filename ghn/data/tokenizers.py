@@ -19,7 +19,9 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # Fallback for the stdlib `re`: letters are [^\W\d_] and numbers are \d. It is
 # exact on ASCII text; elsewhere it differs where Unicode's L/N classes differ
 # from \w (combining marks, non-decimal numerals such as "½").
-GPT2_PATTERN_STDLIB = r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
+GPT2_PATTERN_STDLIB = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?(?:[^\s\w]|_)+|\s+(?!\S)|\s+"""
+)
 
 GPT2_FILES = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))
 GPT2_HOWTO = (
@@ -97,7 +99,9 @@ class GPT2Tokenizer:
             if (d / vocab).is_file() and (d / merges).is_file():
                 return cls(d / vocab, d / merges)
         names = " or ".join(f"{v} + {m}" for v, m in GPT2_FILES)
-        raise DatasetNotFoundError(f"GPT-2 tokenizer files ({names}) not found in {d}. {GPT2_HOWTO}")
+        raise DatasetNotFoundError(
+            f"GPT-2 tokenizer files ({names}) not found in {d}. {GPT2_HOWTO}"
+        )
 
     @property
     def vocab_size(self) -> int:

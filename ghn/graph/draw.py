@@ -83,6 +83,23 @@ def draw_graph(graph, path, *, title: str | None = None, label_shapes: bool = Tr
                 connectionstyle="arc3,rad=0.25" if skip else "arc3",
             ),
         )
+    for i, shared in enumerate(graph.node_shared):
+        for param in shared:
+            (x0, y0), (x1, y1) = pos[graph.params[param].node], pos[i]
+            ax.annotate(
+                "",
+                xy=(x1, y1),
+                xytext=(x0, y0),
+                arrowprops=dict(
+                    arrowstyle="-",
+                    color="#8c564b",
+                    lw=0.9,
+                    ls="--",
+                    shrinkA=7,
+                    shrinkB=7,
+                    connectionstyle="arc3,rad=-0.3",
+                ),
+            )
     for i in range(graph.num_nodes):
         op = graph.node_ops[i]
         ax.scatter(*pos[i], s=140, color=_COLORS.get(op, "#7f7f7f"), zorder=3, edgecolors="k")
