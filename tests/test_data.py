@@ -163,8 +163,10 @@ def test_cifar100_fine_and_coarse_labels(tmp_path):
     assert fine.num_classes == 100
     np.testing.assert_array_equal(fine.labels, [99, 42, 3])
     np.testing.assert_array_equal(fine.images, px.transpose(0, 2, 3, 1))
+    (d / "coarse_label_names.txt").write_text("".join(f"super{i}\n" for i in range(20)))
     coarse = data.get_dataset("cifar100", "train", data_dir=tmp_path, label_mode="coarse")
-    assert coarse.num_classes == 20
+    assert coarse.num_classes == 20 and coarse.class_names[19] == "super19"
+    assert fine.class_names is None
     np.testing.assert_array_equal(coarse.labels, [19, 0, 7])
 
 
@@ -259,6 +261,13 @@ def test_bpe_tiny_vocab(tmp_path):
     for s in ["It's lower, 3.5 l\n\n  ok", "naïve — 東京 ½", ""]:
         assert tok.decode(tok.encode(s)) == s
     assert tok.pattern.findall("it's  2 cats") == ["it", "'s", " ", " 2", " cats"]
+
+
+def test_pretokenizer_without_regex(monkeypatch):
+    monkeypatch.setitem(sys.modules, "regex", None)
+    pattern = tokenizers.gpt2_pattern()
+    assert pattern.pattern == tokenizers.GPT2_PATTERN_STDLIB
+    assert pattern.findall("it's  2 cats_!") == ["it", "'s", " ", " 2", " cats", "_!"]
 
 
 def test_bpe_mismatched_files(tmp_path):
@@ -437,3 +446,21 @@ def test_mnist_csv_reader_rejects_wrong_width(tmp_path):
         f.write("1,2,3\n4,5,6\n")
     with pytest.raises(ValueError, match="expected 785 columns"):
         images_lib._read_csv_gz(p, 785)
+
+
+def test_bpe_matches_huggingface_tokenizers(tmp_path):
+    hf = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    train, val = text_lib.pydoc_corpus()
+    ref = hf.Tokenizer(models.BPE())
+    ref.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ref.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    ref.train_from_iterator([train[i : i + 4096] for i in range(0, 100_000, 4096)], trainer)
+    ref.model.save(str(tmp_path))
+    ours = data.get_tokenizer("gpt2", tmp_path)
+    for s in [val[:30_000], "naïve café — 東京 ½ it's  x\n\n\t  y  "]:
+        assert ours.encode(s).tolist() == ref.encode(s).ids

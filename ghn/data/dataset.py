@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ghn.data.iterator import Batch, DataIterator, epoch_rng
+from ghn.data.iterator import Batch, DataIterator, stream_rng
 
 DATA_DIR_ENV = "GHN_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/ghn/datasets"
@@ -51,7 +51,7 @@ def check_split(name: str, split: str, splits: Sequence[str]) -> None:
 def random_crop_flip(
     x_BxHxWxC: np.ndarray, dy_B: np.ndarray, dx_B: np.ndarray, flip_B: np.ndarray, pad: int
 ) -> np.ndarray:
-    """Zero-pad by `pad`, crop back to HxW at offsets (dy, dx), mirror rows where `flip`."""
+    """Zero-pad by `pad`, crop back to HxW at offsets (dy, dx), mirror left-right where `flip`."""
     B, H, W, _ = x_BxHxWxC.shape
     xp = np.pad(x_BxHxWxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     rows_BxH = dy_B[:, None] + np.arange(H)
@@ -171,12 +171,12 @@ class ImageDataset(Dataset):
         def order(epoch: int) -> np.ndarray:
             if not shuffle:
                 return np.arange(n)
-            return epoch_rng(seed, epoch, _ORDER_STREAM).permutation(n)
+            return stream_rng(seed, epoch, _ORDER_STREAM).permutation(n)
 
         def fetch(ids: np.ndarray, lo: int, B: int, step: int) -> Batch:
             x = self.read(ids)
             if augment:
-                rng = epoch_rng(seed, step, _AUGMENT_STREAM)
+                rng = stream_rng(seed, step, _AUGMENT_STREAM)
                 dy, dx = rng.integers(0, 2 * pad + 1, size=(2, B))
                 flip = rng.random(B) < 0.5
                 rows = slice(lo, lo + len(ids))
@@ -266,7 +266,7 @@ class TextDataset(Dataset):
             starts = np.arange(nw) * seq_len
             if not shuffle:
                 return starts
-            rng = epoch_rng(seed, epoch, _ORDER_STREAM)
+            rng = stream_rng(seed, epoch, _ORDER_STREAM)
             return int(rng.integers(seq_len)) + starts[rng.permutation(nw)]
 
         def fetch(starts: np.ndarray, lo: int, B: int, step: int) -> Batch:

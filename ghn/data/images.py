@@ -140,7 +140,6 @@ _CIFAR = {
         dirname="cifar-10-batches-bin",
         archive="cifar-10-binary.tar.gz",
         files={"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]},
-        names="batches.meta.txt",
         mean=CIFAR10_MEAN,
         std=CIFAR10_STD,
     ),
@@ -149,7 +148,6 @@ _CIFAR = {
         dirname="cifar-100-binary",
         archive="cifar-100-binary.tar.gz",
         files={"train": ["train.bin"], "test": ["test.bin"]},
-        names=None,
         mean=CIFAR100_MEAN,
         std=CIFAR100_STD,
     ),
@@ -183,23 +181,28 @@ def cifar(
     *,
     data_dir=None,
     augment: bool | None = None,
-    label_mode: str = "fine",
+    label_mode: str | None = None,
 ) -> ImageDataset:
     """CIFAR-10 or CIFAR-100 from the binary distribution (no unpickling).
 
     Looks in `<data_dir>/cifar-10-batches-bin` (`cifar-100-binary`), then in
     `<data_dir>` itself, then inside `<data_dir>/cifar-10-binary.tar.gz`.
     Augmentation (pad-crop + flip) defaults to on for the train split.
-    CIFAR-100 takes `label_mode="fine"` (100 classes) or `"coarse"` (20).
+    CIFAR-100 takes `label_mode="fine"` (100 classes, the default) or `"coarse"` (20).
     """
     check_split(name, split, ("train", "test"))
     if name == "cifar100":
+        label_mode = label_mode or "fine"
         if label_mode not in ("fine", "coarse"):
             raise ValueError(f"label_mode must be 'fine' or 'coarse', got {label_mode!r}")
         num_label_bytes, label_byte = 2, 1 if label_mode == "fine" else 0
         num_classes = 100 if label_mode == "fine" else 20
+        names = f"{label_mode}_label_names.txt"
     else:
+        if label_mode is not None:
+            raise ValueError("label_mode is for cifar100 only")
         num_label_bytes, label_byte, num_classes = 1, 0, 10
+        names = "batches.meta.txt"
     blobs, found = _read_cifar_files(name, split, data_dir)
     parts = [parse_cifar(buf, num_label_bytes, label_byte, src) for src, buf in blobs]
     images = np.concatenate([p[0] for p in parts])
@@ -208,9 +211,8 @@ def cifar(
         raise ValueError(
             f"{name} {split}: label {labels.max()} >= {num_classes}; corrupt files in {found}?"
         )
-    names = _CIFAR[name]["names"]
     class_names = None
-    if names and (found / names).is_file():
+    if (found / names).is_file():
         class_names = [s for s in (found / names).read_text().split("\n") if s.strip()]
     meta = _CIFAR[name]
     return ImageDataset(
@@ -277,7 +279,7 @@ def imagefolder(
     except ImportError:
         raise DatasetNotFoundError("imagefolder needs Pillow: `pip install pillow`") from None
     check_split("imagefolder", split, ("train", "validation", "test"))
-    root = data_dir and Path(data_dir).expanduser() or data_root() / "imagefolder"
+    root = Path(data_dir).expanduser() if data_dir else data_root() / "imagefolder"
     names = {"validation": ("validation", "val")}.get(split, (split,))
     split_dir = next((root / n for n in names if (root / n).is_dir()), None)
     if split_dir is None:

@@ -11,9 +11,9 @@ import numpy as np
 Batch = dict[str, np.ndarray]
 
 
-def epoch_rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
-    """A generator that depends only on (seed, epoch, stream)."""
-    return np.random.default_rng([seed, epoch, stream])
+def stream_rng(seed: int, counter: int, stream: int) -> np.random.Generator:
+    """A generator that depends only on (seed, counter, stream); counter is an epoch or a step."""
+    return np.random.default_rng([seed, counter, stream])
 
 
 def resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:

@@ -133,6 +133,7 @@ class Graph:
 
     @property
     def op_ids(self) -> np.ndarray:
+        check_ops(self.node_ops)
         return np.asarray([OP_INDEX[o] for o in self.node_ops], np.int32)
 
     @property

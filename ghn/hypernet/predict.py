@@ -175,7 +175,7 @@ def predict_leaves(ghn, batch: GraphBatch, plan: Plan, graph_index: int = 0) -> 
 def _compiled(graphdef, plan: Plan, out_shardings):
     def run(state, batch):
         ghn = nnx.merge(graphdef, state)
-        return predict_leaves(ghn, batch, plan)
+        return tuple(predict_leaves(ghn, batch, plan))
 
     return jax.jit(run, out_shardings=out_shardings)
 
@@ -256,9 +256,24 @@ def _normalize_shardings(sharding, prepared: Prepared):
     return tuple(leaves)
 
 
+def check_width(plan: Plan, config) -> None:
+    """Names the parameter when a dimension is wider than the decoder's K."""
+    if config.decoder != "lowrank" or config.past_max_dim != "error":
+        return
+    for info in plan.infos:
+        rows, cols = _matrix_dims(info)
+        if max(rows, cols) > config.max_dim:
+            raise ValueError(
+                f"parameter '{info.path}' {info.shape} needs a {rows}x{cols} decoded matrix, "
+                f"wider than this GHN's max_dim K={config.max_dim}. Use a GHN with a larger "
+                "max_dim, or past_max_dim='wrap' to reuse decoder columns modulo K."
+            )
+
+
 def predict(ghn, model: nnx.Module, *example_inputs, sharding=None) -> nnx.State:
     """Predicts all parameters of `model`; see `GHN.predict`."""
     prepared = prepare(model, example_inputs, ghn.config)
+    check_width(prepared.plan, ghn.config)
     graphdef, state = nnx.split(ghn)
     fn = _compiled(graphdef, prepared.plan, _normalize_shardings(sharding, prepared))
     leaves = fn(state, prepared.batch)

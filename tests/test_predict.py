@@ -1,0 +1,196 @@
+"""Parameter prediction: tree equality, statistics per role, rank, sharding, gradients, errors."""
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from custom_models import Llama, MLPMixer, SmallCNN
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+import ghn
+from ghn import zoo
+from ghn.graph import ExampleInputError
+from ghn.hypernet import make_plan, residual_projections
+
+
+@pytest.fixture(scope="module")
+def hyper():
+    return ghn.GHN(rngs=nnx.Rngs(0))
+
+
+def small_specs():
+    return {
+        "vit": zoo.ViTSpec(depth=2, width=32, num_heads=2, patch_size=4, image_size=16),
+        "gpt2": zoo.GPT2Spec(depth=2, width=32, num_heads=4, vocab_size=64, context_length=16),
+        "resnet": zoo.ResNetSpec(
+            block="basic", layers=(1, 1), width=8, small_input=True, image_size=16
+        ),
+        "cellnet": zoo.sample("cnns-1k", 1, seed=3, image_size=16, width=(8, 8))[0],
+    }
+
+
+def custom_models():
+    return {
+        "mixer": (MLPMixer(rngs=nnx.Rngs(0)), jnp.zeros((2, 16, 16, 1))),
+        "llama": (Llama(rngs=nnx.Rngs(0)), jnp.zeros((2, 8), jnp.int32)),
+        "cnn": (SmallCNN(rngs=nnx.Rngs(0)), jnp.zeros((2, 16, 16, 3))),
+    }
+
+
+def check_same_tree(params, model):
+    ref = nnx.state(model, nnx.Param)
+    assert jax.tree.structure(params) == jax.tree.structure(ref)
+    for p, r in zip(jax.tree.leaves(params), jax.tree.leaves(ref)):
+        assert p.shape == r.shape and p.dtype == r.dtype
+    chex.assert_tree_all_finite(params)
+
+
+@pytest.mark.parametrize("family", ["vit", "gpt2", "resnet", "cellnet"])
+def test_zoo_families(hyper, family):
+    spec = small_specs()[family]
+    model = spec.build(rngs=nnx.Rngs(0))
+    params = hyper.predict(model, spec.example_input())
+    check_same_tree(params, model)
+    out = ghn.with_params(model, params)(spec.example_input())
+    chex.assert_tree_all_finite(out)
+
+
+@pytest.mark.parametrize("name", ["mixer", "llama", "cnn"])
+def test_custom_models(hyper, name):
+    model, x = custom_models()[name]
+    params = hyper.predict(model, x)
+    check_same_tree(params, model)
+    chex.assert_tree_all_finite(ghn.with_params(model, params)(x))
+
+
+def test_abstract_model_needs_no_random_copy(hyper):
+    spec = small_specs()["gpt2"]
+    abstract = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    concrete = spec.build(rngs=nnx.Rngs(1))
+    a = hyper.predict(abstract, spec.input_spec())
+    b = hyper.predict(concrete, spec.example_input())
+    chex.assert_trees_all_equal(a, b)  # a function of the architecture only
+    ghn.with_params(abstract, a)
+    chex.assert_tree_all_finite(abstract(spec.example_input()))
+
+
+def test_statistics_per_role(hyper):
+    spec = zoo.GPT2Spec(depth=4, width=128, num_heads=4, vocab_size=512, context_length=64)
+    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    graph = ghn.trace(model, spec.input_spec())
+    params = dict(zip(graph.params, jax.tree.leaves(hyper.predict(model, spec.input_spec()))))
+    residual = residual_projections(graph)
+    # attn.c_proj and mlp.c_proj of each block: GPT-2's 1/sqrt(2 n_layer) applies.
+    assert residual == {f"blocks/{i}/{m}/c_proj/kernel" for i in range(4) for m in ("attn", "mlp")}
+    for path, value in params.items():
+        info = graph.params[path]
+        v = np.asarray(value, np.float64)
+        if info.role == "dense":
+            expected = 1 / math.sqrt(info.fan_in) / (math.sqrt(8) if path in residual else 1)
+            assert 0.5 * expected < v.std() < 2 * expected, path
+            assert abs(v.mean()) < 0.2 * expected, path
+        elif info.role in ("embedding", "pos_embedding"):
+            assert 0.01 < v.std() < 0.04, path
+        elif info.role == "norm_scale":
+            assert abs(v.mean() - 1) < 0.1 and v.min() > 0.7 and v.max() < 1.3, path
+        elif info.role in ("bias", "norm_bias"):
+            assert abs(v.mean()) < 0.05 and np.abs(v).max() <= 0.1, path
+
+
+def test_conv_fan_in_uses_real_layout(hyper):
+    spec = small_specs()["resnet"]
+    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    graph = ghn.trace(model, spec.input_spec())
+    params = dict(zip(graph.params, jax.tree.leaves(hyper.predict(model, spec.input_spec()))))
+    for path, value in params.items():
+        info = graph.params[path]
+        if info.role == "conv":
+            expected = math.sqrt(2 / info.fan_in)  # fan-in = k_h * k_w * c_in (HWIO)
+            assert info.fan_in == math.prod(info.shape[:3])
+            assert 0.5 * expected < float(jnp.std(value)) < 2 * expected, path
+
+
+def numerical_rank(x) -> int:
+    s = np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)
+    return int(np.sum(s > 1e-4 * s[0]))  # float32 round-off sits far below 1e-4
+
+
+def test_low_rank_and_no_tiling(hyper):
+    r = hyper.config.rank
+    spec = zoo.GPT2Spec(depth=1, width=64, num_heads=4, vocab_size=4096, context_length=16)
+    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    params = hyper.predict(model, spec.input_spec())
+    emb = np.asarray(params["wte"]["embedding"][...], np.float64)
+    assert emb.shape == (4096, 64)
+    # The reference tiles 2048-row chunks; here every row is decoded.
+    assert not np.allclose(emb[:2048], emb[2048:])
+    assert numerical_rank(emb) <= r
+    fc = np.asarray(params["blocks"][0]["mlp"]["c_fc"]["kernel"][...], np.float64)
+    assert numerical_rank(fc) <= r
+
+
+def test_width_past_k_is_a_clear_error():
+    small = ghn.GHN(ghn.GHNConfig.named("tiny", max_dim=128), rngs=nnx.Rngs(0))
+    spec = zoo.GPT2Spec(depth=1, width=32, num_heads=4, vocab_size=256, context_length=16)
+    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"'wte/embedding' \(256, 32\).*K=128"):
+        small.predict(model, spec.input_spec())
+
+
+def test_unknown_op_and_bad_input_are_clear_errors(hyper):
+    model, x = custom_models()["mixer"]
+    with pytest.raises(ExampleInputError, match="stem"):
+        hyper.predict(model, jnp.zeros((2, 16, 16, 3)))
+    graph = ghn.trace(model, x)
+    graph.node_ops[3] = "fancy_op"
+    with pytest.raises(ValueError, match="unknown node ops \\['fancy_op'\\]"):
+        ghn.hypernet.make_batch([graph], hyper.config)
+
+
+def test_output_sharding(hyper):
+    spec = small_specs()["gpt2"]
+    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    mesh = jax.make_mesh((8,), ("model",))
+    plain = hyper.predict(model, spec.input_spec())
+    replicated = NamedSharding(mesh, PartitionSpec())
+    rep = hyper.predict(model, spec.input_spec(), sharding=replicated)
+    assert all(v.sharding == replicated for v in jax.tree.leaves(rep))
+    auto = hyper.predict(model, spec.input_spec(), sharding=mesh)
+    emb = auto["wte"]["embedding"][...]
+    assert len(emb.sharding.device_set) == 8 and emb.sharding.spec == PartitionSpec("model", None)
+    assert emb.addressable_shards[0].data.shape == (8, 32)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(auto)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_every_ghn_parameter(hyper):
+    spec = small_specs()["vit"]
+    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    x = spec.example_input(batch_size=4)
+    labels = jnp.arange(4) % spec.num_classes
+
+    def loss_fn(h):
+        m = ghn.with_params(
+            nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))), h.predict(model, x)
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(m(x), labels).mean()
+
+    grads = nnx.grad(loss_fn)(hyper)
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    assert flat
+    zero = [jax.tree_util.keystr(p) for p, g in flat if not np.any(np.asarray(g))]
+    assert not zero, f"no gradient reaches {zero}"
+
+
+def test_plan_groups_by_shape():
+    spec = zoo.GPT2Spec(depth=6, width=32, num_heads=4, vocab_size=64, context_length=16)
+    graph = ghn.trace(nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))), spec.input_spec())
+    plan = make_plan(graph)
+    # Compiled program size follows distinct shapes, not depth.
+    assert len(plan.groups) <= 10
+    assert sorted(leaf for g in plan.groups for leaf in g.leaves) == list(range(len(graph.params)))
