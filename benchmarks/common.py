@@ -15,6 +15,48 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class RSSSampler:
+    """Peak resident set size during a block, sampled every `interval` seconds.
+
+    `ru_maxrss` is a lifetime peak (it includes XLA compilation); this isolates
+    the memory a warm call itself needs.
+    """
+
+    def __init__(self, interval: float = 0.002):
+        import psutil
+
+        self.process = psutil.Process()
+        self.interval = interval
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        import threading
+
+        self.start_rss = self.process.memory_info().rss
+        self.peak = self.start_rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+    @property
+    def start_mb(self) -> float:
+        return self.start_rss / 2**20
+
+
 def machine() -> dict:
     dev = jax.devices()[0]
     return {

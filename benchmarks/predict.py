@@ -16,7 +16,7 @@ PRESETS = ["vit-s", "vit-b", "vit-l", "gpt2", "gpt2-medium", "gpt2-large", "gpt2
 CHILD = r"""
 import json, sys, time
 sys.path.insert(0, "benchmarks")
-from common import Timer, machine, peak_rss_mb
+from common import RSSSampler, Timer, machine, peak_rss_mb
 import jax
 from flax import nnx
 import ghn
@@ -41,12 +41,12 @@ times = []
 params = None
 for _ in range(2):
     del params  # keep one set of predicted parameters alive at a time
-    with Timer() as t:
+    with RSSSampler() as rss, Timer() as t:
         params = hyper.predict(model, x)
         jax.block_until_ready(params)
     times.append(t.seconds)
 nbytes = sum(v.nbytes for v in jax.tree.leaves(params))
-peak_predict = peak_rss_mb()
+peak_lifetime = peak_rss_mb()
 del params
 with Timer() as t_random:
     m = spec.build(rngs=nnx.Rngs(0))
@@ -56,8 +56,9 @@ print(json.dumps({"bench": "predict", "preset": name, "ghn": size,
     "params": spec.num_params(), "predicted_mb": round(nbytes / 2**20),
     "abstract_build_s": round(t_abstract.seconds, 3), "trace_s": round(t_trace.seconds, 3),
     "compile_s": round(t_compile.seconds, 3), "first_predict_s": round(t_first.seconds, 3),
-    "warm_predict_s": round(warm, 3), "peak_rss_mb": round(peak_predict),
-    "peak_over_predicted": round(peak_predict / (nbytes / 2**20), 2),
+    "warm_predict_s": round(warm, 3), "lifetime_peak_rss_mb": round(peak_lifetime),
+    "rss_before_predict_mb": round(rss.start_mb), "predict_peak_rss_mb": round(rss.peak_mb),
+    "predict_extra_over_predicted": round((rss.peak_mb - rss.start_mb) / (nbytes / 2**20), 2),
     "random_init_s": round(t_random.seconds, 3),
     "predict_over_random_init": round(warm / t_random.seconds, 3), **machine()}))
 """

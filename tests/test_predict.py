@@ -194,3 +194,22 @@ def test_plan_groups_by_shape():
     # Compiled program size follows distinct shapes, not depth.
     assert len(plan.groups) <= 10
     assert sorted(leaf for g in plan.groups for leaf in g.leaves) == list(range(len(graph.params)))
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(decoder="tiled"), dict(paper_parity=True)], ids=["tiled", "paper_parity"]
+)
+def test_decoder_variants_predict(overrides):
+    hyper = ghn.GHN(ghn.GHNConfig.named("tiny", max_dim=512, **overrides), rngs=nnx.Rngs(0))
+    spec = zoo.GPT2Spec(depth=2, width=32, num_heads=4, vocab_size=300, context_length=16)
+    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    params = hyper.predict(model, spec.input_spec())
+    check_same_tree(params, model)
+    fc = params["blocks"][0]["mlp"]["c_fc"]["kernel"][...]
+    assert 0.5 / math.sqrt(32) < float(jnp.std(fc)) < 2 / math.sqrt(32)
+    emb = np.asarray(params["wte"]["embedding"][...])
+    if overrides.get("decoder") == "tiled":
+        # The GHN-3 baseline repeats its 64-row chunk: what LoGAH avoids.
+        np.testing.assert_allclose(emb[:64], emb[64:128])
+    else:
+        assert numerical_rank(emb) <= hyper.config.rank
