@@ -96,7 +96,7 @@ def cmd_predict(args) -> None:
     )
     for label in ("first call (compiles)", "second call"):
         start = time.perf_counter()
-        params = jax.block_until_ready(hyper.predict(model, x))
+        params = jax.block_until_ready(hyper.predict(model, x, fast_compile=args.fast_compile))
         print(f"predict, {label}: {time.perf_counter() - start:.2f}s")
     by_role: dict[str, list] = {}
     for info, value in zip(graph.params.values(), jax.tree.leaves(params)):
@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], help="spec override key=value")
     p.add_argument("--config", default="tiny", help="GHN size: tiny, small, base, large")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fast-compile", action="store_true", help="skip XLA backend optimizations (CPU)"
+    )
     p.set_defaults(fn=cmd_predict)
     args = parser.parse_args(argv)
     args.fn(args)

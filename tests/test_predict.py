@@ -213,3 +213,11 @@ def test_decoder_variants_predict(overrides):
         np.testing.assert_allclose(emb[:64], emb[64:128])
     else:
         assert numerical_rank(emb) <= hyper.config.rank
+
+
+def test_fast_compile_gives_the_same_parameters(hyper):
+    model, x = custom_models()["cnn"]
+    a = hyper.predict(model, x)
+    b = hyper.predict(model, x, fast_compile=True)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-6)

@@ -31,7 +31,9 @@ class GHN(nnx.Module):
     def __call__(self, batch: GraphBatch) -> jax.Array:
         return self.encode(batch)
 
-    def predict(self, model: nnx.Module, *example_inputs, sharding=None) -> nnx.State:
+    def predict(
+        self, model: nnx.Module, *example_inputs, sharding=None, fast_compile: bool = False
+    ) -> nnx.State:
         """Predicts every parameter of `model` in one jit-compiled call.
 
         Args:
@@ -42,6 +44,8 @@ class GHN(nnx.Module):
             every parameter, a pytree of shardings matching the state, a
             `Mesh` or "auto" (each parameter's largest divisible axis split
             over the devices).
+          fast_compile: compile with XLA's backend optimizations off: on CPU
+            the first call is 2-4x faster, later calls up to ~1.4x slower.
 
         Returns:
           An `nnx.State` with exactly the tree, shapes and dtypes of
@@ -49,7 +53,7 @@ class GHN(nnx.Module):
         """
         from ghn.hypernet.predict import predict
 
-        return predict(self, model, *example_inputs, sharding=sharding)
+        return predict(self, model, *example_inputs, sharding=sharding, fast_compile=fast_compile)
 
 
 def param_count(ghn: nnx.Module) -> int:
