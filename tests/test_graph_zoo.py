@@ -1,5 +1,6 @@
 """Tracing the zoo: exact node counts, wiring the reference gets wrong, abstract models."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -196,3 +197,38 @@ def test_trace_command(tmp_path):
     )
     assert "nodes=34" in out.stdout and (tmp_path / "g.png").stat().st_size > 10_000
     assert ghn.Graph.load(tmp_path / "g.npz").num_nodes == 34
+
+
+def graph_digest(graph) -> str:
+    blob = json.dumps(
+        [
+            graph.node_ops,
+            graph.edges.tolist(),
+            graph.node_params,
+            graph.node_shared,
+            graph.node_shapes.tolist(),
+            [
+                [p.path, p.role, p.out_axes, p.in_axes, p.spatial_axes]
+                for p in graph.params.values()
+            ],
+        ]
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    "name,overrides,expected",
+    [
+        ("vit-ti", dict(depth=2), "91d8329940b10a73"),
+        ("gpt2", dict(depth=2), "156104fa98911543"),
+        ("resnet18", {}, "35bd18f405519acc"),
+    ],
+)
+def test_graphs_are_pinned(name, overrides, expected):
+    """Graphs must not change with the JAX/Flax version: a trained GHN depends on them.
+
+    If this fails after a library upgrade, the tracer needs to absorb the new
+    jaxpr form; if it fails after an intended change, bump OPS_VERSION.
+    """
+    spec = zoo.get(name, **overrides)
+    assert graph_digest(traced(spec)[1]) == expected
