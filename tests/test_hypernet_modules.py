@@ -193,7 +193,16 @@ def test_paper_parity_matches_hand_computation():
         dec.b2[...] = embeddings(1, 6, seed=5)[0]
         m = np.asarray(dec.hidden(e))
         assert m.shape == (3, 4, 2)
-        z = np.maximum(m, 0) @ np.asarray(dec.w2[...]) + np.asarray(dec.b2[...])  # (3, 4, 6)
+        h = np.maximum(m, 0)
+        if not parity:  # center_factors: each half of ReLU(M) loses its mean row
+            h = np.concatenate(
+                [
+                    h[:, :2] - h[:, :2].mean(1, keepdims=True),
+                    h[:, 2:] - h[:, 2:].mean(1, keepdims=True),
+                ],
+                axis=1,
+            )
+        z = h @ np.asarray(dec.w2[...]) + np.asarray(dec.b2[...])  # (3, 4, 6)
         np.testing.assert_allclose(dec.z_rows(e, 0, 4, 6), z, rtol=1e-5, atol=1e-6)
         rows, cols = 5, 4
         if parity:
@@ -298,3 +307,16 @@ def test_ghn_module_defaults(graphs):
     nodes, (a, b) = jax.eval_shape(run, state)
     assert nodes.shape == (2, 64, 64)
     assert a.shape == (4, 50257, 32) and b.shape == (4, 32, 1600)
+
+
+def test_centered_factors_avoid_rank_one_collapse():
+    """Without centering, ReLU(M) >= 0 makes one rank-1 term dominate every W."""
+    e = embeddings(8, 16)
+
+    def top_share(center):
+        dec = LowRankDecoder(SMALL.replace(center_factors=center, rank=32), rngs=nnx.Rngs(0))
+        s = np.linalg.svd(np.asarray(dec.full(e, 64, 64)), compute_uv=False)
+        return float(np.mean(s[:, 0] ** 2 / np.sum(s**2, axis=1)))
+
+    assert top_share(False) > 0.6
+    assert top_share(True) < 0.4

@@ -33,7 +33,8 @@ class _MLP(nnx.Module):
 class LowRankDecoder(nnx.Module):
     """LoGAH: W = A @ B with A (rows x r), B (r x cols) decoded from one embedding.
 
-    M = MLP(e) reshaped to (2r, r); Z = ReLU(M) @ W2 + b2 with W2 (r, K), so
+    M = MLP(e) reshaped to (2r, r); Z = ReLU(M) @ W2 + b2 with W2 (r, K) (each
+    half of ReLU(M) centered over its rows when `center_factors`), so
     Z is (2r, K). By default A = Z[:r, :rows]^T and B = Z[r:, :cols]: every
     row of A and column of B mixes all 2r rows of M. Only the W2 columns a
     parameter needs are multiplied, so the cost is O(r^2 (rows + cols)),
@@ -55,6 +56,7 @@ class LowRankDecoder(nnx.Module):
         d, r, k = config.d_model, config.rank, config.max_dim
         self.rank, self.max_dim = r, k
         self.paper_parity = config.paper_parity
+        self.center = config.center_factors and not config.paper_parity
         self.past_max_dim = config.past_max_dim
         self.mlp = _MLP(d, 2 * r * r, rngs=rngs)
         # Fan-in init of a Linear(r, K), stored (r, K) so columns slice cheaply.
@@ -85,7 +87,14 @@ class LowRankDecoder(nnx.Module):
 
     def _z(self, m_Gx2rxr: jax.Array, start: int, stop: int, n: int) -> jax.Array:
         w2_rxn, b2_n = self._columns(n)
-        z_Gxsxn = jnp.einsum("gsr,rn->gsn", jax.nn.relu(m_Gx2rxr[:, start:stop]), w2_rxn)
+        h_Gx2rxr = jax.nn.relu(m_Gx2rxr)
+        if self.center:
+            # Removes the component shared by all rank-one terms (see GHNConfig):
+            # each half (A's rows, B's rows) is centered over its own r rows.
+            g, r = h_Gx2rxr.shape[0], self.rank
+            halves = h_Gx2rxr.reshape(g, 2, r, r)
+            h_Gx2rxr = (halves - halves.mean(axis=2, keepdims=True)).reshape(g, 2 * r, r)
+        z_Gxsxn = jnp.einsum("gsr,rn->gsn", h_Gx2rxr[:, start:stop], w2_rxn)
         return z_Gxsxn + b2_n[None, None, :]
 
     def z_rows(self, e_Gxd: jax.Array, start: int, stop: int, num_cols: int) -> jax.Array:
