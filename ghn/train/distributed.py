@@ -1,0 +1,141 @@
+"""Processes, devices and shardings: `jax.distributed`, the mesh, global arrays."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+DATA = "data"
+
+
+def _auto_detected() -> str | None:
+    """The cluster environment `jax.distributed.initialize()` would detect, if multi-process."""
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
+        return "SLURM"
+    if len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
+        return "TPU pod"
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return "Open MPI"
+    return None
+
+
+def _multi_process_settings(cpu_collectives: str) -> None:
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    cpu_collectives: str = "gloo",
+) -> bool:
+    """Starts `jax.distributed` when this is one of several processes; returns whether it did.
+
+    Explicit arguments win (all three, or `num_processes=1` for a no-op).
+    Without them, SLURM (more than one task), a TPU pod slice, Open MPI or
+    $JAX_COORDINATOR_ADDRESS are auto-detected by JAX; a lone process is a
+    no-op. Must run before anything touches a JAX device. CPU collectives
+    across processes use `cpu_collectives` (gloo), which multi-host CPU runs and
+    the localhost tests need and GPU/TPU runs ignore.
+    """
+    explicit = (coordinator_address, num_processes, process_id)
+    if any(v is not None for v in explicit):
+        if num_processes == 1 and process_id in (None, 0):
+            return False
+        if None in explicit:
+            raise ValueError(
+                "give all of coordinator_address, num_processes and process_id (or none, to "
+                f"auto-detect), got {coordinator_address=}, {num_processes=}, {process_id=}"
+            )
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"need 0 <= process_id < num_processes, got {process_id}")
+        _multi_process_settings(cpu_collectives)
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    else:
+        env = _auto_detected()
+        if env is None:
+            return False
+        log.info("initializing jax.distributed from the %s environment", env)
+        _multi_process_settings(cpu_collectives)
+        jax.distributed.initialize()
+    log.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
+    return True
+
+
+def make_mesh(num_data: int = -1, devices=None) -> Mesh:
+    """A 1-D mesh with axis `data` over `num_data` devices (-1: all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices) if num_data == -1 else num_data
+    if not 1 <= n <= len(devices):
+        raise ValueError(f"mesh.data={num_data}, but there are {len(devices)} devices")
+    if n != len(devices) and jax.process_count() > 1:
+        raise ValueError("a multi-process run must put every device on the mesh (mesh.data=-1)")
+    # Auto axes: shardings enter through jit's in/out shardings and GSPMD
+    # propagates them, so the zoo's models need no sharding annotations.
+    return jax.make_mesh((n,), (DATA,), (AxisType.Auto,), devices=devices[:n])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA))
+
+
+def fsdp_sharding(mesh: Mesh, shape: tuple[int, ...], min_size: int) -> NamedSharding:
+    """`shape`'s largest axis divisible by the `data` axis size, sharded over it.
+
+    A function of the shape alone, so a parameter, its gradient and its
+    optimizer moments always get the same sharding. Small or indivisible
+    arrays stay replicated.
+    """
+    n = mesh.shape[DATA]
+    spec = [None] * len(shape)
+    if n > 1 and math.prod(shape) >= min_size:
+        for a in sorted(range(len(shape)), key=lambda a: -shape[a]):
+            if shape[a] % n == 0:
+                spec[a] = DATA
+                break
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def put_replicated(tree, sharding: NamedSharding):
+    """Host arrays, identical on every process, as global replicated jax.Arrays."""
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+    return jax.tree.map(put, tree)
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (e.g. one process got SIGTERM)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+    return bool(np.any(flags))
+
+
+def local_array(x) -> np.ndarray:
+    """A fully replicated global array as a NumPy array on this process."""
+    return np.asarray(x.addressable_data(0))

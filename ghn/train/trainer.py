@@ -1,0 +1,394 @@
+"""Meta-training a GHN: the loop, its evaluation, logging and checkpoints.
+
+    trainer = Trainer(config, workdir)   # restores workdir/checkpoints if present
+    summary = trainer.train()            # or: ghn.train.run(config, workdir)
+
+Per step: the sampler gives m architectures; every one runs on the same data
+batch; their weighted gradients accumulate in one buffer; one update applies
+them. Metrics of step n are fetched after step n + 1 is dispatched, so the
+host prepares the next step while the devices work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from ghn.train import compile_cache
+from ghn.train.archs import ArchSampler, make_pools
+from ghn.train.checkpoint import FORMAT, Checkpointer, CheckpointError, tree_digest
+from ghn.train.config import ghn_config, validate
+from ghn.train.distributed import all_processes_agree, local_array, make_mesh
+from ghn.train.metrics import MetricWriter, versions, write_json
+from ghn.train.programs import Programs, make_optimizer
+from ghn.train.tasks import check_archs, eval_batches, load_datasets, train_iterator
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradient was NaN/Inf and the config says to stop."""
+
+
+class _Window:
+    """Sums of per-step metrics between two log lines."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.sums: dict[str, float] = {}
+        self.last: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, float]) -> None:
+        self.steps += 1
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.last = metrics
+
+    def mean(self, key: str) -> float:
+        return self.sums.get(key, math.nan) / max(self.steps, 1)
+
+
+class Trainer:
+    """Sets up a run from a config (resuming from `workdir` when it holds a checkpoint)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+        validate(config)
+        self.config = config
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.is_main = jax.process_index() == 0
+        self.cache_dir = compile_cache.enable(config.compilation_cache_dir)
+        self.mesh = make_mesh(config.mesh.data)
+        self._check_batch_sizes()
+
+        self.task, self.train_ds, self.eval_ds = load_datasets(config.data)
+        self.pools = make_pools(config.archs, config.eval)
+        check_archs(
+            self.task,
+            self.train_ds,
+            [*self.pools.train, *self.pools.heldout, *self.pools.larger],
+        )
+        self.sampler = ArchSampler(self.pools.train, config.archs.meta_batch_size, config.seed)
+        self.ghn_config = ghn_config(config)
+        tx, schedule = make_optimizer(config.optim, config.num_steps)
+        self.programs = Programs(
+            ghn_config=self.ghn_config,
+            task=self.task,
+            mesh=self.mesh,
+            tx=tx,
+            schedule=schedule,
+            seed=config.seed,
+            ema_decay=config.ema_decay,
+            bf16=config.bf16,
+            pred_weight_decay=config.optim.pred_weight_decay,
+            fsdp=config.mesh.fsdp,
+            fsdp_min_size=config.mesh.fsdp_min_size,
+            nan_step=config.debug.nan_step,
+        )
+        self.train_it = train_iterator(
+            config.data,
+            self.task,
+            self.train_ds,
+            config.seed,
+            jax.process_index(),
+            jax.process_count(),
+        )
+        self.writer = MetricWriter(
+            self.workdir, enabled=self.is_main, tensorboard=config.tensorboard
+        )
+        self.ckpt = None
+        if config.checkpoint.enabled:
+            self.ckpt = Checkpointer(
+                self.workdir / "checkpoints",
+                max_to_keep=config.checkpoint.max_to_keep,
+                async_save=config.checkpoint.async_save,
+            )
+        if self.is_main:
+            write_json(self.workdir / "config.json", config.to_dict())
+            write_json(self.workdir / "versions.json", versions())
+        self.state = self._restore_or_init()
+        self.skipped = int(local_array(self.state["skipped"]))
+        self._eval_batches: list | None = None
+        self._signal: int | None = None
+        self.last_eval: dict[str, Any] | None = None
+
+    def _check_batch_sizes(self) -> None:
+        n, p = self.mesh.size, jax.process_count()
+        for key in ("data.batch_size", "eval.batch_size"):
+            section, name = key.split(".")
+            b = self.config[section][name]
+            if b % n or b % p:
+                raise ValueError(
+                    f"{key}={b} must be divisible by the {n} devices on the mesh "
+                    f"and the {p} processes"
+                )
+
+    def _expected_meta(self) -> dict[str, Any]:
+        return {
+            "ghn_config": self.ghn_config.to_dict(),
+            "state_tree": tree_digest(self.programs.abstract_state),
+            "state_summary": sorted(self.programs.abstract_state),
+        }
+
+    def _restore_or_init(self):
+        step = self.ckpt.latest_step() if self.ckpt else None
+        if step is None:
+            return self.programs.init_state()
+        meta = self.ckpt.read_meta(step)
+        self.ckpt.check_compatible(step, meta, self._expected_meta())
+        try:
+            self.train_it.restore(meta["data_iterator"])
+            self.sampler.restore(meta["archs"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(
+                f"checkpoint {self.ckpt.directory / str(step)} was written with other data or "
+                f"architecture settings: {e}. Resume with the original config, or start in a "
+                "fresh workdir."
+            ) from e
+        state = self.ckpt.restore(step, self.programs.abstract_state, self.programs.state_shardings)
+        log.info("resumed from %s at step %d", self.ckpt.directory, step)
+        return state
+
+    def _meta(self, step: int) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "step": step,
+            "data_iterator": self.train_it.state(),
+            "archs": self.sampler.state(),
+            **self._expected_meta(),
+        }
+
+    def save(self, step: int, *, wait: bool = False) -> None:
+        if self.ckpt is not None:
+            self.ckpt.save(step, self.state, self._meta(step), wait=wait)
+
+    @property
+    def step(self) -> int:
+        return int(local_array(self.state["step"]))
+
+    def _fetch(self, step: int, metrics, specs) -> dict[str, float]:
+        m = {k: float(local_array(v)) for k, v in metrics.items()}
+        if not m.pop("finite"):
+            self.skipped += 1
+            names = [s.name for s in specs]
+            self.writer.write(
+                {
+                    "step": step,
+                    "split": "train",
+                    "event": "nonfinite",
+                    "loss": m["loss"],
+                    "grad_norm": m["grad_norm"],
+                    "archs": names,
+                    "action": self.config.nonfinite,
+                }
+            )
+            msg = (
+                f"step {step}: non-finite loss {m['loss']} or gradient norm {m['grad_norm']} "
+                f"(architectures {names})"
+            )
+            if self.config.nonfinite == "stop":
+                last = self.ckpt.latest_step() if self.ckpt else None
+                raise NonFiniteError(
+                    f"{msg}; stopping. The last good checkpoint (step {last}) is intact."
+                )
+            log.warning("%s; update skipped (%d skipped so far)", msg, self.skipped)
+            return {}
+        return m
+
+    def _log(self, step: int, window: _Window) -> dict[str, Any]:
+        elapsed = time.perf_counter() - window.start
+        steps = max(window.steps, 1)
+        cfg = self.config
+        stats = self.programs.stats
+        record = {
+            "step": step,
+            "split": "train",
+            # `loss` is the task loss; `objective` adds the predicted-parameter decay.
+            **self.task.summarize(window.mean("task_loss"), window.mean("metric")),
+            "objective": window.mean("loss"),
+            "pred_norm": window.mean("pred_norm"),
+            "grad_norm": window.mean("grad_norm"),
+            "param_norm": window.last.get("param_norm", math.nan),
+            "lr": window.last.get("lr", math.nan),
+            "steps_per_s": steps / elapsed,
+            "archs_per_s": steps * cfg.archs.meta_batch_size / elapsed,
+            "samples_per_s": steps * cfg.data.batch_size / elapsed,
+            "compilations": stats.total(),
+            "arch_compilations": stats.arch_compilations(),
+            "persistent_cache_hits": stats.persistent_hits,
+            "compile_s": stats.compile_s,
+            "skipped": self.skipped,
+        }
+        self.writer.write(record)
+        return record
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Loss and accuracy/perplexity of predicted parameters on the evaluation split."""
+        cfg = self.config
+        if self._eval_batches is None:
+            local = eval_batches(
+                cfg.eval, self.task, self.eval_ds, jax.process_index(), jax.process_count()
+            )
+            self._eval_batches = [self.programs.global_batch(b) for b in local]
+        use_ema = cfg.eval.use_ema and "ema" in self.state
+        params = self.state["ema"] if use_ema else self.state["params"]
+        archs = [("heldout", s) for s in self.pools.heldout]
+        archs += [("larger", s) for s in self.pools.larger]
+        results = []
+        for tag, spec in archs:
+            totals = {"loss_sum": 0.0, "metric_sum": 0.0, "count": 0.0}
+            for batch in self._eval_batches:
+                sums = self.programs.evaluate(spec, params, batch)
+                for k in totals:
+                    totals[k] += float(local_array(sums[k]))
+            n = max(totals["count"], 1.0)
+            record = {
+                "step": step,
+                "split": "eval",
+                "set": tag,
+                "arch": spec.name,
+                "num_params": self.programs.arch(spec).num_params,
+                "ema": use_ema,
+                **self.task.summarize(totals["loss_sum"] / n, totals["metric_sum"] / n),
+            }
+            self.writer.write(record)
+            results.append(record)
+        summary: dict[str, Any] = {"step": step, "archs": results}
+        if results:
+            keys = [k for k in ("loss", "accuracy", "perplexity") if k in results[0]]
+            mean = {k: float(np.mean([r[k] for r in results])) for k in keys}
+            self.writer.write({"step": step, "split": "eval", "arch": "mean", **mean})
+            summary["mean"] = mean
+        self.last_eval = summary
+        return summary
+
+    @contextlib.contextmanager
+    def _signals(self):
+        """SIGTERM/SIGINT ask the loop to save and stop at the next step boundary."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self._signal = signum
+            log.warning("got %s: saving a checkpoint, then stopping", signal.Signals(signum).name)
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def train(self) -> dict[str, Any]:
+        """Runs to `config.num_steps` (or a signal); returns a summary of the run."""
+        cfg = self.config
+        step = start = self.step
+        weight = self.programs.weight(cfg.archs.meta_batch_size)
+        pbar = None
+        if self.is_main and cfg.progress_bar:
+            from tqdm import tqdm
+
+            pbar = tqdm(total=cfg.num_steps, initial=start, desc="meta-train", unit="step")
+        window = _Window()
+        pending = None
+        last_log: dict[str, Any] = {}
+        saved_at = evaluated_at = None
+        stopped_by = None
+
+        def drain():
+            nonlocal pending
+            if pending is not None:
+                metrics = self._fetch(*pending)
+                if metrics:
+                    window.add(metrics)
+                pending = None
+
+        with self._signals():
+            try:
+                while step < cfg.num_steps:
+                    if all_processes_agree(self._signal is not None):
+                        stopped_by = signal.Signals(self._signal or signal.SIGTERM).name
+                        break
+                    specs = self.sampler.next()
+                    batch = self.programs.global_batch(next(self.train_it))
+                    acc = self.programs.zeros()
+                    for spec in specs:
+                        acc = self.programs.accumulate(
+                            spec, self.state["params"], acc, batch, weight
+                        )
+                    self.state, metrics = self.programs.update(self.state, acc, step)
+                    if cfg.debug.sleep_per_step:
+                        time.sleep(cfg.debug.sleep_per_step)
+                    drain()
+                    pending = (step, metrics, specs)
+                    step += 1
+                    last_step = step == cfg.num_steps
+                    if pbar is not None:
+                        pbar.update(1)
+                    if step % cfg.log_every == 0 or last_step:
+                        drain()
+                        last_log = self._log(step, window)
+                        window = _Window()
+                        if pbar is not None:
+                            pbar.set_postfix(loss=f"{last_log['loss']:.4f}")
+                    if cfg.eval.enabled and (
+                        (cfg.eval.every and step % cfg.eval.every == 0) or last_step
+                    ):
+                        drain()
+                        self.evaluate(step)
+                        evaluated_at = step
+                    if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                        drain()
+                        self.save(step)
+                        saved_at = step
+                drain()
+                if (saved_at != step and step > start) or stopped_by:
+                    self.save(step, wait=True)
+                    saved_at = step
+            finally:
+                if pbar is not None:
+                    pbar.close()
+                if self.ckpt is not None:
+                    self.ckpt.wait()
+        if stopped_by:
+            log.warning("stopped by %s at step %d; checkpoint saved", stopped_by, step)
+        return {
+            "step": step,
+            "start_step": start,
+            "stopped_by": stopped_by,
+            "last_log": last_log,
+            "last_eval": self.last_eval if evaluated_at is not None else None,
+            "compilations": self.programs.stats.total(),
+            "arch_compilations": self.programs.stats.arch_compilations(),
+            "traces": dict(self.programs.stats.traces),
+            "persistent_cache_hits": self.programs.stats.persistent_hits,
+            "skipped": self.skipped,
+        }
+
+    def close(self) -> None:
+        if self.ckpt is not None:
+            self.ckpt.close()
+        self.writer.close()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Meta-trains (or resumes) the run of `config` in `workdir`; returns its summary."""
+    trainer = Trainer(config, workdir)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
