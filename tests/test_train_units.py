@@ -1,0 +1,157 @@
+"""Meta-training parts that need no compiled architecture: configs, sampler, schedule, shardings."""
+
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_train_common import CONFIGS, ROOT, env, load_config, tiny_config
+
+from ghn import zoo
+from ghn.train import ArchSampler, base_config, make_pools, make_schedule, validate
+from ghn.train.archs import fingerprint
+from ghn.train.distributed import fsdp_sharding, initialize_distributed, make_mesh
+from ghn.train.tasks import Task, check_archs, load_datasets
+
+CONFIG_NAMES = ["vit_mnist", "gpt2_text", "cnn_mnist", "vit_cifar10", "vit_cifar100"]
+CONFIG_NAMES += ["gpt2_wikitext103"]
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_configs_are_complete_and_documented(name):
+    config = load_config(name)
+    validate(config)
+    assert set(config.keys()) == set(base_config().keys())
+    doc = (CONFIGS / f"{name}.py").read_text()
+    assert f"python train.py --config configs/{name}.py" in doc
+    assert "Hardware" in doc and "Time" in doc
+
+
+@pytest.mark.parametrize("name", ["vit_mnist", "gpt2_text", "cnn_mnist"])
+def test_offline_configs_fit_their_data(name):
+    config = load_config(name)
+    task, train, _ = load_datasets(config.data)
+    pools = make_pools(config.archs, config.eval)
+    check_archs(task, train, [*pools.train, *pools.heldout, *pools.larger])
+    assert len(pools.train) == config.archs.pool_size
+    assert not set(pools.heldout) & set(pools.train)
+    biggest = max(s.closed_form_num_params() for s in pools.train)
+    for spec in pools.larger:
+        assert spec.closed_form_num_params() > biggest
+
+
+def test_typo_in_an_override_is_an_error(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            f"--config={CONFIGS / 'vit_mnist.py'}",
+            f"--workdir={tmp_path}",
+            "--config.optim.lrr=0.1",
+        ],
+        env=env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "lrr" in proc.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_bad_values_are_clear_errors():
+    config = tiny_config({"nonfinite": "ignore"})
+    with pytest.raises(ValueError, match="nonfinite"):
+        validate(config)
+    config = tiny_config({"ghn.d_model": 30})
+    with pytest.raises(ValueError, match="d_model"):
+        validate(config)
+
+
+def test_sampler_is_deterministic_and_resumes_exactly():
+    pool = zoo.sample("vits-1k", 5, seed=0, depth=(2, 4), width=(32, 64))
+    a = ArchSampler(pool, 3, seed=7)
+    stream = [a.next() for _ in range(6)]  # 18 draws: spans 4 epochs of 5
+    flat = [s for batch in stream for s in batch]
+    for epoch in range(3):
+        assert set(flat[5 * epoch : 5 * epoch + 5]) == set(pool)  # each epoch is a permutation
+    b = ArchSampler(pool, 3, seed=7)
+    for _ in range(2):
+        b.next()
+    c = ArchSampler(pool, 3, seed=7)
+    c.restore(json.loads(json.dumps(b.state())))
+    assert [c.next() for _ in range(4)] == stream[2:]
+
+
+def test_sampler_rejects_a_state_from_another_pool():
+    pool = zoo.sample("vits-1k", 4, seed=0)
+    state = ArchSampler(pool, 2, seed=0).state()
+    other = ArchSampler(pool[:3], 2, seed=0)
+    with pytest.raises(ValueError, match="pool"):
+        other.restore(state)
+    assert fingerprint(pool) != fingerprint(pool[:3])
+
+
+def test_pools_from_an_architecture_dataset(tmp_path):
+    path = tmp_path / "archs.json"
+    zoo.write_dataset(path, "vits-1k", 20, seed=1, heldout=0.2, image_size=28, in_channels=1)
+    config = tiny_config({"archs.dataset": str(path), "eval.num_heldout": 2})
+    pools = make_pools(config.archs, config.eval)
+    doc = zoo.load_dataset(path)
+    assert list(pools.train) == doc["train"]
+    assert list(pools.heldout) == doc["heldout"][:2]
+
+
+def test_larger_must_be_larger():
+    config = tiny_config()
+    config.eval.larger.width = 16
+    with pytest.raises(ValueError, match="larger"):
+        make_pools(config.archs, config.eval)
+
+
+def test_schedule_warms_up_then_decays():
+    optim = base_config().optim
+    optim.lr, optim.warmup_steps, optim.end_lr_ratio = 1.0, 10, 0.1
+    schedule = make_schedule(optim, 110)
+    lrs = np.asarray([schedule(k) for k in range(110)])
+    np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10, rtol=1e-6)
+    assert np.all(np.diff(lrs[9:]) <= 1e-7)
+    np.testing.assert_allclose(lrs[59], 0.1 + 0.9 * 0.5, rtol=1e-5)  # half-way: cos = 0
+    np.testing.assert_allclose(lrs[-1], 0.1, rtol=1e-5)
+
+
+def test_fsdp_shards_large_parameters_only():
+    mesh = make_mesh()
+    assert mesh.shape["data"] == 8
+    assert fsdp_sharding(mesh, (512, 2048), 2**16).spec == jax.sharding.PartitionSpec(None, "data")
+    assert fsdp_sharding(mesh, (64, 64), 2**16).spec == jax.sharding.PartitionSpec(None, None)
+    assert fsdp_sharding(mesh, (1021, 77), 1).spec == jax.sharding.PartitionSpec(None, None)
+
+
+def test_distributed_is_a_no_op_for_one_process(monkeypatch):
+    for var in ("SLURM_NTASKS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    assert initialize_distributed() is False
+    assert initialize_distributed(num_processes=1) is False
+    with pytest.raises(ValueError, match="all of"):
+        initialize_distributed(coordinator_address="localhost:1234", num_processes=2)
+
+
+def test_masked_task_sums():
+    class Fixed:
+        def __call__(self, x):
+            return jnp.tile(jnp.asarray([[0.0, 10.0]]), (x.shape[0], 1))
+
+    batch = {
+        "image": jnp.zeros((4, 2, 2, 1)),
+        "label": jnp.asarray([1, 1, 0, 0]),
+        "mask": jnp.asarray([True, True, True, False]),
+    }
+    sums = Task("image").sums(Fixed(), batch)
+    assert float(sums["count"]) == 3 and float(sums["metric_sum"]) == 2
+    np.testing.assert_allclose(float(sums["loss_sum"]), 10 + 3 * math.log1p(math.exp(-10)), 1e-5)
