@@ -27,6 +27,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every save at INFO; progress and metrics have their own outputs.
+        logging.set_verbosity(logging.WARNING)
     # Before any JAX device is touched: jax.distributed must start first.
     import ghn.train
 

@@ -61,6 +61,7 @@ def tiny_config(changes: dict | None = None) -> ml_collections.ConfigDict:
     # they all share one compiled program per architecture.
     c.mesh.fsdp = True
     c.mesh.fsdp_min_size = 1024
+    c.ema_decay = 0.9  # and an EMA
     c.compilation_cache_dir = str(CACHE)
     for key, value in (changes or {}).items():
         set_key(c, key, value)

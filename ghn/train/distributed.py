@@ -17,8 +17,9 @@ DATA = "data"
 
 def _auto_detected() -> str | None:
     """The cluster environment `jax.distributed.initialize()` would detect, if multi-process."""
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
-        return "SLURM"
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_PROCID", "SLURM_LOCALID")
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and all(v in os.environ for v in slurm):
+        return "SLURM"  # inside `srun`: one process per task
     if len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1:
         return "TPU pod"
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):

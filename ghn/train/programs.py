@@ -37,31 +37,49 @@ from ghn.train.tasks import Task
 from ghn.zoo import ArchSpec
 
 
-def make_schedule(optim, num_steps: int) -> Callable[[jax.Array], jax.Array]:
-    """Linear warm-up to `lr`, then cosine to `lr * end_lr_ratio` at `num_steps`.
+def schedule_hparams(optim, num_steps: int) -> dict[str, float]:
+    """The numbers `learning_rate` reads; runtime inputs of the update program."""
+    return {
+        "lr": float(optim.lr),
+        "warmup": float(min(optim.warmup_steps, num_steps)),
+        "num_steps": float(num_steps),
+        "end": float(optim.lr * optim.end_lr_ratio),
+    }
 
-    Indexed by the optimizer's update count; update k uses the rate of step
-    k + 1, so the first update already moves (warm-up from lr / warmup_steps).
+
+def learning_rate(count, h) -> jax.Array:
+    """Linear warm-up to `lr`, then cosine to `end` at `num_steps`.
+
+    Indexed by the number of updates applied so far; update k uses the rate of
+    step k + 1, so the first update already moves (warm-up from lr / warmup).
     """
-    lr, warmup = optim.lr, min(optim.warmup_steps, num_steps)
-    end = lr * optim.end_lr_ratio
-
-    def schedule(count):
-        step = jnp.asarray(count, jnp.float32) + 1.0
-        warm = lr * step / max(warmup, 1)
-        progress = jnp.clip((step - warmup) / max(num_steps - warmup, 1), 0.0, 1.0)
-        cosine = end + (lr - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-        return jnp.where(step <= warmup, warm, cosine)
-
-    return schedule
+    step = jnp.asarray(count, jnp.float32) + 1.0
+    warmup = jnp.asarray(h["warmup"], jnp.float32)
+    warm = h["lr"] * step / jnp.maximum(warmup, 1.0)
+    span = jnp.maximum(h["num_steps"] - warmup, 1.0)
+    progress = jnp.clip((step - warmup) / span, 0.0, 1.0)
+    cosine = h["end"] + (h["lr"] - h["end"]) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    return jnp.where(step <= warmup, warm, cosine)
 
 
-def make_optimizer(optim, num_steps: int):
-    """(optax transformation, schedule): global-norm clipping, then AdamW."""
-    schedule = make_schedule(optim, num_steps)
+def make_schedule(optim, num_steps: int) -> Callable[[jax.Array], jax.Array]:
+    h = schedule_hparams(optim, num_steps)
+    return lambda count: learning_rate(count, h)
+
+
+def make_optimizer(optim) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW's direction: Adam plus decoupled weight decay.
+
+    The update step multiplies by -learning_rate itself, with the schedule's
+    numbers as runtime inputs, so one compiled update serves any schedule or
+    run length (and is AdamW exactly).
+    """
     parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay))
-    return optax.chain(*parts), schedule
+    parts += [
+        optax.scale_by_adam(b1=optim.b1, b2=optim.b2),
+        optax.add_decayed_weights(optim.weight_decay),
+    ]
+    return optax.chain(*parts)
 
 
 @dataclasses.dataclass
@@ -108,8 +126,8 @@ class Programs:
         ghn_config: GHNConfig,
         task: Task,
         mesh: jax.sharding.Mesh,
-        tx: optax.GradientTransformation,
-        schedule: Callable,
+        optim,
+        num_steps: int,
         seed: int,
         ema_decay: float = 0.0,
         bf16: bool = False,
@@ -121,7 +139,8 @@ class Programs:
         self.ghn_config = ghn_config
         self.task = task
         self.mesh = mesh
-        self.tx, self.schedule = tx, schedule
+        self.tx = make_optimizer(optim)
+        self.hparams = schedule_hparams(optim, num_steps)
         self.seed = seed
         self.ema_decay = ema_decay
         self.bf16 = bf16
@@ -147,6 +166,9 @@ class Programs:
         self._compiled: dict[tuple, Any] = {}
         self._weights: dict[int, jax.Array] = {}
         self._flags = {b: put_replicated(np.asarray(b), self.replicated) for b in (False, True)}
+        self._hparams = put_replicated(
+            {k: np.float32(v) for k, v in self.hparams.items()}, self.replicated
+        )
 
     def _compile(self, kind: str, fn, in_shardings, out_shardings, args, donate=()):
         before = compile_cache.persistent_cache_counts()["hits"]
@@ -300,7 +322,7 @@ class Programs:
 
         return self._cached(key, build)(params, arch.graph, batch)
 
-    def _update_fn(self, state, acc, inject_nan):
+    def _update_fn(self, state, acc, inject_nan, hparams):
         self.stats.traces["update"] += 1
         grads, loss = acc["grads"], acc["loss"]
         # Tests corrupt a step on purpose (config.debug.nan_step).
@@ -309,8 +331,10 @@ class Programs:
         loss = loss * poison
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # The rate of this update: skipped steps do not advance the schedule.
+        lr = learning_rate(state["step"] - state["skipped"], hparams)
         updates, opt = self.tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        params = jax.tree.map(lambda p, u: p - (lr * u).astype(p.dtype), state["params"], updates)
 
         def keep_if_finite(new, old):
             return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -335,8 +359,7 @@ class Programs:
             "pred_norm": acc["reg"],
             "grad_norm": grad_norm,
             "param_norm": optax.tree.norm(out["params"]),
-            # The rate this update used: skipped steps do not advance the schedule.
-            "lr": self.schedule(state["step"] - state["skipped"]),
+            "lr": lr,
             "finite": finite,
         }
         return out, metrics
@@ -345,13 +368,13 @@ class Programs:
         """One optimizer step from the accumulated gradients; donates `state`."""
 
         def build():
-            in_sh = (self.state_shardings, self.acc_shardings, self.replicated)
+            in_sh = (self.state_shardings, self.acc_shardings, self.replicated, self.replicated)
             out_sh = (self.state_shardings, self.replicated)
-            args = (state, acc, self._flags[False])
+            args = (state, acc, self._flags[False], self._hparams)
             return self._compile("update", self._update_fn, in_sh, out_sh, args, donate=(0,))
 
         fn = self._cached(("update",), build)
-        return fn(state, acc, self._flags[step == self.nan_step])
+        return fn(state, acc, self._flags[step == self.nan_step], self._hparams)
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows -> global arrays sharded over `data`."""

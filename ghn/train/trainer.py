@@ -25,12 +25,12 @@ import ml_collections
 import numpy as np
 
 from ghn.train import compile_cache
-from ghn.train.archs import ArchSampler, make_pools
+from ghn.train.archs import ArchSampler, make_pools, num_params
 from ghn.train.checkpoint import FORMAT, Checkpointer, CheckpointError, tree_digest
 from ghn.train.config import ghn_config, validate
 from ghn.train.distributed import all_processes_agree, local_array, make_mesh
 from ghn.train.metrics import MetricWriter, versions, write_json
-from ghn.train.programs import Programs, make_optimizer
+from ghn.train.programs import Programs
 from ghn.train.tasks import check_archs, eval_batches, load_datasets, train_iterator
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,12 @@ class Trainer:
         )
         self.sampler = ArchSampler(self.pools.train, config.archs.meta_batch_size, config.seed)
         self.ghn_config = ghn_config(config)
-        tx, schedule = make_optimizer(config.optim, config.num_steps)
         self.programs = Programs(
             ghn_config=self.ghn_config,
             task=self.task,
             mesh=self.mesh,
-            tx=tx,
-            schedule=schedule,
+            optim=config.optim,
+            num_steps=config.num_steps,
             seed=config.seed,
             ema_decay=config.ema_decay,
             bf16=config.bf16,
@@ -114,10 +113,16 @@ class Trainer:
                 max_to_keep=config.checkpoint.max_to_keep,
                 async_save=config.checkpoint.async_save,
             )
+        # Fail now, not hours in: the evaluation architectures and the largest
+        # training one must fit the GHN (e.g. its max_dim).
+        largest = max(self.pools.train, key=num_params)
+        for spec in [largest, *self.pools.heldout, *self.pools.larger]:
+            self.programs.arch(spec)
+        self.state = self._restore_or_init()
+        # Only once the workdir's checkpoint (if any) accepted this config.
         if self.is_main:
             write_json(self.workdir / "config.json", config.to_dict())
             write_json(self.workdir / "versions.json", versions())
-        self.state = self._restore_or_init()
         self.skipped = int(local_array(self.state["skipped"]))
         self._eval_batches: list | None = None
         self._signal: int | None = None
@@ -157,8 +162,16 @@ class Trainer:
                 "fresh workdir."
             ) from e
         state = self.ckpt.restore(step, self.programs.abstract_state, self.programs.state_shardings)
-        log.info("resumed from %s at step %d", self.ckpt.directory, step)
+        self._say(f"resumed from {self.ckpt.directory / str(step)} (step {step})")
         return state
+
+    def _say(self, message: str) -> None:
+        """A line on the terminal (process 0), kept clear of the progress bar."""
+        log.info(message)
+        if self.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(message)
 
     def _meta(self, step: int) -> dict[str, Any]:
         return {
@@ -365,7 +378,7 @@ class Trainer:
                 if self.ckpt is not None:
                     self.ckpt.wait()
         if stopped_by:
-            log.warning("stopped by %s at step %d; checkpoint saved", stopped_by, step)
+            self._say(f"stopped by {stopped_by} at step {step}; checkpoint saved")
         return {
             "step": step,
             "start_step": start,

@@ -1,0 +1,158 @@
+"""Meta-training runs in-process on tiny ViTs: records, compilation counting, NaN handling,
+sharding, bf16/EMA, text and CNN tasks, and checkpoint errors."""
+
+import json
+import shutil
+
+import chex
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from test_train_common import assert_close_grads, tiny_config
+
+from ghn.train import CheckpointError, NonFiniteError, Trainer, read_metrics, run
+from ghn.train.distributed import make_mesh
+
+
+def params_of(trainer: Trainer, key: str = "params") -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(trainer.state[key])[0]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
+
+
+def test_run_writes_records_and_compiles_each_architecture_once(tmp_path):
+    config = tiny_config({"num_steps": 4, "eval.enabled": True})
+    summary = run(config, tmp_path)
+    assert summary["step"] == 4 and summary["skipped"] == 0
+    # One training architecture visited 8 times (meta-batch 2): one train program.
+    assert summary["traces"]["train"] == 1
+    assert summary["traces"]["update"] == 1
+    assert summary["traces"]["eval"] == 1  # one held-out architecture
+    assert summary["arch_compilations"] == 2
+
+    config_json = json.loads((tmp_path / "config.json").read_text())
+    assert config_json["archs"]["meta_batch_size"] == 2
+    versions = json.loads((tmp_path / "versions.json").read_text())
+    for key in ("python", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ghn"):
+        assert versions[key], key
+    assert versions["device_count"] == 8 and versions["process_count"] == 1
+
+    records = read_metrics(tmp_path)
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for key in ("loss", "accuracy", "grad_norm", "lr", "archs_per_s", "samples_per_s"):
+        assert all(np.isfinite(r[key]) for r in train), key
+    assert train[-1]["compilations"] >= 2 and train[-1]["skipped"] == 0
+    evals = [r for r in records if r["split"] == "eval" and r["arch"] != "mean"]
+    assert len(evals) == 1 and evals[0]["set"] == "heldout" and 0 <= evals[0]["accuracy"] <= 1
+    assert (tmp_path / "checkpoints" / "4").is_dir()
+
+
+def test_nan_step_is_skipped_reported_and_leaves_the_state_alone(tmp_path):
+    config = tiny_config({"num_steps": 3, "debug.nan_step": 1})
+    config.checkpoint.every, config.checkpoint.max_to_keep = 1, 3
+    summary = run(config, tmp_path)
+    assert summary["skipped"] == 1
+    records = read_metrics(tmp_path)
+    events = [r for r in records if r.get("event") == "nonfinite"]
+    assert len(events) == 1 and events[0]["step"] == 1 and events[0]["action"] == "skip"
+    assert [r["skipped"] for r in records if "skipped" in r] == [0, 1, 1]
+    # Step 1 (the second) was skipped: the states saved after steps 0 and 1 differ only
+    # in the step and skipped counters and the RNG.
+    after0, after1, after2 = (checkpoint_state(tmp_path, s) for s in (1, 2, 3))
+    for key in ("params", "opt", "ema"):
+        chex.assert_trees_all_equal(after0[key], after1[key])
+    assert int(after1["skipped"]) == 1 and int(after1["step"]) == 2
+    chex.assert_tree_all_finite(after2["params"])
+    assert not np.array_equal(after2["params"]["decoder"]["w2"], after1["params"]["decoder"]["w2"])
+
+
+def checkpoint_state(workdir, step: int):
+    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+
+
+def test_nan_stops_the_run_when_asked_and_keeps_the_last_checkpoint(tmp_path):
+    config = tiny_config({"num_steps": 6, "debug.nan_step": 3, "nonfinite": "stop"})
+    config.checkpoint.every = 2
+    with pytest.raises(NonFiniteError, match="step 3.*checkpoint \\(step 2\\) is intact"):
+        run(config, tmp_path)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2]
+    config.debug.nan_step = -1  # the saved state is good: the run resumes from it
+    trainer = Trainer(config, tmp_path)
+    try:
+        assert trainer.step == 2
+        chex.assert_tree_all_finite(trainer.state["params"])
+    finally:
+        trainer.close()
+
+
+def test_incompatible_or_corrupt_checkpoints_are_clear_errors(tmp_path):
+    run(tiny_config({"num_steps": 1}), tmp_path)
+    other = tiny_config({"num_steps": 2, "ghn.num_layers": 2})
+    with pytest.raises(CheckpointError, match="num_layers: checkpoint 1, config 2"):
+        Trainer(other, tmp_path)
+    no_ema = tiny_config({"num_steps": 2, "ema_decay": 0.0})
+    with pytest.raises(CheckpointError, match="layout"):
+        Trainer(no_ema, tmp_path)
+    other_data = tiny_config({"num_steps": 2, "data.batch_size": 32})
+    with pytest.raises(CheckpointError, match="other data"):
+        Trainer(other_data, tmp_path)
+
+    for path in (tmp_path / "checkpoints" / "1" / "state").rglob("*"):
+        if path.is_file() and path.parent.name == "d":  # the array data files
+            path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        Trainer(tiny_config({"num_steps": 2}), tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "1" / "meta")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        Trainer(tiny_config({"num_steps": 2}), tmp_path)
+
+
+def one_step(tmp_path, mesh_data: int, fsdp: bool = False):
+    """(accumulated gradients, params after the update, trainer) of step 0."""
+    config = tiny_config({"num_steps": 1, "mesh.data": mesh_data, "mesh.fsdp": fsdp})
+    config.checkpoint.enabled = False
+    trainer = Trainer(config, tmp_path)
+    try:
+        p = trainer.programs
+        batch = p.global_batch(next(trainer.train_it))
+        acc = p.zeros()
+        for spec in trainer.sampler.next():
+            acc = p.accumulate(spec, trainer.state["params"], acc, batch, p.weight(2))
+        grads = {k: np.asarray(v) for k, v in flat(acc["grads"]).items()}
+        trainer.state, _ = p.update(trainer.state, acc, 0)
+        return grads, params_of(trainer), trainer
+    finally:
+        trainer.close()
+
+
+def flat(tree) -> dict:
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.slow
+def test_sharded_step_equals_single_device_step(tmp_path):
+    grads1, params1, _ = one_step(tmp_path / "one", 1)
+    grads8, params8, trainer = one_step(tmp_path / "eight", 8, fsdp=True)
+    assert trainer.programs.data_sharding.mesh.shape["data"] == 8
+    # FSDP really shards: the decoder's largest kernels live in 8 pieces.
+    big = [x for x in jax.tree.leaves(trainer.state["params"]) if x.size >= 1024]
+    assert any(len({str(s.index) for s in x.addressable_shards}) == 8 for x in big)
+    assert grads1.keys() == grads8.keys() == params1.keys() == params8.keys()
+    # Batch reductions split 8 ways and FSDP-partitioned matmuls sum in another order:
+    # float32 round-off only.
+    assert_close_grads(grads8, grads1)
+    lr = 1e-3  # num_steps=1 caps the warm-up at one step: step 0 runs at the peak rate
+    scale = max(float(np.abs(g).max()) for g in grads1.values())
+    for k in params1:
+        # Adam's first step moves each element by lr * g / (|g| + eps): a function of
+        # sign(g) alone, except where g is round-off-sized and its sign may flip.
+        clear = np.abs(grads1[k]) >= 1e-4 * scale
+        np.testing.assert_allclose(params8[k][clear], params1[k][clear], atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(params8[k], params1[k], rtol=0, atol=2 * lr, err_msg=k)
+
+
+def test_mesh_rejects_more_devices_than_exist():
+    with pytest.raises(ValueError, match="devices"):
+        make_mesh(16)
