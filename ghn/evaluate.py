@@ -1,0 +1,459 @@
+"""Init quality: predicted against random parameters, with no training and after fine-tuning.
+
+    from ghn import evaluate
+    setup = evaluate.Setup.from_ghn_info(info)            # the data the GHN was trained on
+    result = evaluate.compare(hyper, spec, setup, evaluate.Recipe(steps=200))
+    evaluate.plot(result, "vit.png")
+
+Every initialization of a target is fine-tuned with the same recipe, the same
+data order and the same seeds, so curves differ only by where they start.
+Evaluation points are 0, N/20, 2N/20, ..., N (N/10 and N among them). The
+speed-up is how many steps random init needs to reach the evaluation loss the
+predicted init has at N/10, divided by N/10 ("not reached" when it never does
+within N steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ghn import data as ghn_data
+from ghn.train.tasks import Task, task_fields
+from ghn.zoo import ArchSpec
+
+NUM_POINTS = 20  # evaluation points after step 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How every initialization is fine-tuned: AdamW, warm-up then cosine, clipping."""
+
+    steps: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    batch_size: int = 64
+    seed: int = 0
+    eval_batch_size: int = 250
+    eval_batches: int = 4  # 0: the whole validation split
+
+
+@dataclasses.dataclass
+class Setup:
+    """The data: a task, its training split and validation split."""
+
+    task: Task
+    train: Any
+    validation: Any
+
+    @classmethod
+    def from_name(
+        cls, name: str, *, seq_len: int = 0, tokenizer: str = "byte", **kwargs: Any
+    ) -> Setup:
+        kw = dict(kwargs)
+        if name in ("pydoc_text", "wikitext2", "wikitext103"):
+            kw["tokenizer"] = tokenizer
+        train = ghn_data.get_dataset(name, "train", **kw)
+        validation = ghn_data.get_dataset(name, "validation", **kw)
+        if train.kind == "text" and seq_len <= 0:
+            raise ValueError(f"text dataset {name!r} needs seq_len > 0")
+        return cls(Task(train.kind, seq_len if train.kind == "text" else 0), train, validation)
+
+    @classmethod
+    def from_ghn_info(cls, info: dict[str, Any], **kwargs: Any) -> Setup:
+        """The dataset a GHN was trained on, from `ghn.hub.info` / `load(with_info=True)`."""
+        train_config = info.get("train_config") or info.get("metadata", {}).get("train_config")
+        if not train_config:
+            raise ValueError("this GHN records no training config; name the dataset instead")
+        d = train_config["data"]
+        extra = {k: d[k] for k in ("data_dir", "tokenizer_dir") if d.get(k)}
+        return cls.from_name(
+            d["name"],
+            seq_len=d.get("seq_len", 0),
+            tokenizer=d.get("tokenizer", "byte"),
+            **extra,
+            **kwargs,
+        )
+
+    def fit(self, spec: ArchSpec) -> ArchSpec:
+        """`spec` with the fields the data fixes (classes, image size, vocabulary) set."""
+        fields = task_fields(self.task, self.train)
+        changes = {k: v for k, v in fields.items() if k in spec.field_names()}
+        if self.task.kind == "text" and getattr(spec, "context_length", 0) < self.task.seq_len:
+            changes["context_length"] = self.task.seq_len
+        return spec.replace(**changes) if changes else spec
+
+    def input_spec(self, spec: ArchSpec) -> jax.ShapeDtypeStruct:
+        return self.task.input_spec(spec)
+
+    def train_iterator(self, recipe: Recipe):
+        kw = dict(seed=recipe.seed)
+        if self.task.kind == "text":
+            return self.train.iterator(recipe.batch_size, self.task.seq_len, **kw)
+        return self.train.iterator(recipe.batch_size, **kw)
+
+    def eval_batches(self, recipe: Recipe) -> list[dict[str, np.ndarray]]:
+        kw = dict(shuffle=False, num_epochs=1, drop_remainder=False)
+        if self.task.kind == "text":
+            it = self.validation.iterator(recipe.eval_batch_size, self.task.seq_len, **kw)
+        else:
+            it = self.validation.iterator(recipe.eval_batch_size, **kw)
+        out = []
+        for batch in it:
+            out.append(batch)
+            if recipe.eval_batches and len(out) >= recipe.eval_batches:
+                break
+        return out
+
+
+@dataclasses.dataclass
+class Curve:
+    """One initialization's fine-tuning run."""
+
+    init: str
+    eval_steps: list[int]
+    eval_loss: list[float]
+    eval_metric: list[float]
+    train_loss: list[float]  # one per step
+    seconds: float = 0.0
+
+    def at(self, step: int) -> dict[str, float]:
+        i = self.eval_steps.index(step)
+        return {"loss": self.eval_loss[i], "metric": self.eval_metric[i]}
+
+
+def eval_points(steps: int) -> list[int]:
+    """0, N/20, ..., N: always holding 0, N/10 and N."""
+    pts = {0, steps, tenth(steps)}
+    pts.update(round(steps * i / NUM_POINTS) for i in range(NUM_POINTS + 1))
+    return sorted(pts)
+
+
+def tenth(steps: int) -> int:
+    return max(round(steps / 10), 1) if steps else 0
+
+
+def _schedule(recipe: Recipe) -> Callable:
+    warmup = min(recipe.warmup_steps, recipe.steps)
+    if warmup == 0:
+        return optax.cosine_decay_schedule(recipe.lr, max(recipe.steps, 1))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, recipe.lr, warmup, max(recipe.steps, warmup + 1), end_value=0.0
+    )
+
+
+def finetune(
+    model: nnx.Module,
+    setup: Setup,
+    recipe: Recipe,
+    *,
+    init: str,
+    progress: bool = False,
+    eval_data: list[dict[str, np.ndarray]] | None = None,
+) -> Curve:
+    """Fine-tunes `model` in place for `recipe.steps` steps; evaluates at `eval_points`.
+
+    BatchNorm layers (CNNs) use batch statistics in training and running
+    averages in evaluation; at step 0 of a predicted init the running averages
+    are the layer's defaults, so CNN step-0 metrics are read in training mode
+    (batch statistics), as during meta-training.
+    """
+    import time
+
+    task = setup.task
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    has_bn = bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+    tx = optax.chain(
+        optax.clip_by_global_norm(recipe.grad_clip) if recipe.grad_clip > 0 else optax.identity(),
+        optax.adamw(_schedule(recipe), weight_decay=recipe.weight_decay),
+    )
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, rest, opt_state, batch):
+        def loss_fn(p):
+            m = nnx.merge(graphdef, p, rest)
+            m.train()
+            sums = task.sums(m, batch)
+            return sums["loss_sum"] / sums["count"], nnx.split(m, nnx.Param, ...)[2]
+
+        (loss, new_rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_rest, opt_state, loss
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def eval_step(params, rest, batch, batch_stats: bool):
+        m = nnx.merge(graphdef, params, rest)
+        m.train() if batch_stats else m.eval()
+        return task.sums(m, batch)
+
+    eval_data = eval_data if eval_data is not None else setup.eval_batches(recipe)
+
+    def evaluate(params, rest, step) -> tuple[float, float]:
+        # A predicted CNN has no running statistics yet: read batch statistics at step 0.
+        batch_stats = has_bn and step == 0
+        tot = {"loss_sum": 0.0, "metric_sum": 0.0, "count": 0.0}
+        for batch in eval_data:
+            out = eval_step(params, rest, batch, batch_stats)
+            for k in tot:
+                tot[k] += float(out[k])
+        loss = tot["loss_sum"] / tot["count"]
+        summary = task.summarize(loss, tot["metric_sum"] / tot["count"])
+        return loss, summary[task.metric]
+
+    points = eval_points(recipe.steps)
+    curve = Curve(init, [], [], [], [])
+    it = setup.train_iterator(recipe)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=recipe.steps, desc=init, leave=False, disable=None)
+    start = time.perf_counter()
+    for step in range(recipe.steps + 1):
+        if step in points:
+            loss, metric = evaluate(params, rest, step)
+            curve.eval_steps.append(step)
+            curve.eval_loss.append(loss)
+            curve.eval_metric.append(metric)
+        if step == recipe.steps:
+            break
+        batch = next(it)
+        params, rest, opt_state, loss = train_step(params, rest, opt_state, batch)
+        curve.train_loss.append(float(loss))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{curve.train_loss[-1]:.3f}")
+    if bar is not None:
+        bar.close()
+    curve.seconds = time.perf_counter() - start
+    nnx.update(model, params, rest)
+    return curve
+
+
+def speedup(predicted: Curve, random: Curve) -> float | None:
+    """Steps random init needs to reach predicted's eval loss at N/10, over N/10; None: never."""
+    n10 = tenth(predicted.eval_steps[-1])
+    target = predicted.at(n10)["loss"]
+    steps, losses = random.eval_steps, random.eval_loss
+    for i, (s, loss) in enumerate(zip(steps, losses, strict=True)):
+        if loss <= target:
+            if i == 0:
+                return 0.0
+            # Linear interpolation between the evaluation points around the crossing.
+            s0, l0 = steps[i - 1], losses[i - 1]
+            reached = s0 + (s - s0) * (l0 - target) / max(l0 - loss, 1e-12)
+            return reached / n10
+    return None
+
+
+@dataclasses.dataclass
+class Result:
+    """All initializations of one target architecture."""
+
+    spec: ArchSpec
+    num_params: int
+    metric: str
+    curves: dict[str, Curve]
+    predicted_params: Any = None  # nnx.State of the predicted init (before fine-tuning)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One table row per initialization: metrics at 0, N/10 and N, and the speed-up."""
+        steps = self.curves["random"].eval_steps[-1]
+        out = []
+        for init, curve in self.curves.items():
+            row: dict[str, Any] = {
+                "arch": self.spec.name,
+                "num_params": self.num_params,
+                "init": init,
+                "steps": steps,
+            }
+            for label, s in (("0", 0), ("n10", tenth(steps)), ("n", steps)):
+                at = curve.at(s)
+                row[f"loss_{label}"] = at["loss"]
+                row[f"{self.metric}_{label}"] = at["metric"]
+            row["speedup"] = None if init == "random" else speedup(curve, self.curves["random"])
+            row["reached"] = init == "random" or row["speedup"] is not None
+            out.append(row)
+        return out
+
+
+def predict_model(hyper, spec: ArchSpec, setup: Setup, seed: int = 0) -> tuple[nnx.Module, Any]:
+    """A concrete `spec` model holding `hyper`'s prediction, and the predicted state."""
+    model = spec.build(rngs=nnx.Rngs(seed))
+    predicted = hyper.predict(model, setup.input_spec(spec))
+    nnx.update(model, predicted)
+    return model, predicted
+
+
+def compare(
+    hyper,
+    spec: ArchSpec,
+    setup: Setup,
+    recipe: Recipe,
+    *,
+    baseline_ghns: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> Result:
+    """Fine-tunes `spec` from `hyper`'s prediction and from the family's random init.
+
+    `baseline_ghns` adds more predicted inits by name (e.g. a `paper_parity`
+    GHN). All runs share the recipe, data order and seeds; the random init is
+    `spec.build(rngs=nnx.Rngs(recipe.seed))`, and predicted inits start from the
+    same model with every parameter replaced.
+    """
+    spec = setup.fit(spec)
+    eval_data = setup.eval_batches(recipe)
+    curves: dict[str, Curve] = {}
+    model, predicted = predict_model(hyper, spec, setup, recipe.seed)
+    predicted_copy = jax.tree.map(jnp.copy, predicted)
+    curves["predicted"] = finetune(
+        model, setup, recipe, init="predicted", progress=progress, eval_data=eval_data
+    )
+    for name, other in (baseline_ghns or {}).items():
+        model, _ = predict_model(other, spec, setup, recipe.seed)
+        curves[name] = finetune(
+            model, setup, recipe, init=name, progress=progress, eval_data=eval_data
+        )
+    model = spec.build(rngs=nnx.Rngs(recipe.seed))
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    curves["random"] = finetune(
+        model, setup, recipe, init="random", progress=progress, eval_data=eval_data
+    )
+    return Result(spec, num_params, setup.task.metric, curves, predicted_copy)
+
+
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing moving average (a shorter window at the start)."""
+    x = np.asarray(values, np.float64)
+    if window <= 1 or len(x) == 0:
+        return x
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    n = np.minimum(np.arange(1, len(x) + 1), window)
+    return (c[1:] - c[np.arange(1, len(x) + 1) - n]) / n
+
+
+COLORS = {"predicted": "tab:blue", "random": "tab:gray", "paper_parity": "tab:orange"}
+
+
+def plot(result: Result, path: str | os.PathLike | None = None, *, axes=None):
+    """Loss curves of every init: validation loss and smoothed training loss. PNG if `path`."""
+    import matplotlib
+
+    if path is not None and axes is None:
+        matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig = None
+    if axes is None:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
+    ax_eval, ax_train = axes
+    steps = result.curves["random"].eval_steps[-1]
+    for init, c in result.curves.items():
+        color = COLORS.get(init)
+        ax_eval.plot(c.eval_steps, c.eval_loss, marker="o", ms=3, label=init, color=color)
+        window = max(steps // 25, 1)
+        ax_train.plot(
+            np.arange(1, len(c.train_loss) + 1),
+            smooth(c.train_loss, window),
+            label=init,
+            color=color,
+        )
+    ax_eval.axvline(tenth(steps), color="k", lw=0.6, ls=":")
+    for ax, title in ((ax_eval, "validation loss"), (ax_train, "training loss (smoothed)")):
+        ax.set_xlabel("fine-tuning step")
+        ax.set_title(f"{result.spec.name}: {title}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if path is not None:
+        (fig or ax_eval.figure).savefig(path, dpi=110)
+        if fig is not None:
+            plt.close(fig)
+    return fig
+
+
+def format_value(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "not reached"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def format_row(row: dict[str, Any], metric: str) -> str:
+    """One line: an init's loss and metric at 0, N/10, N, and its speed-up."""
+    parts = [f"{row['init']:>12}"]
+    for label, name in (("0", "0"), ("n10", "N/10"), ("n", "N")):
+        parts.append(
+            f"@{name} loss {row[f'loss_{label}']:.3f} {metric} {row[f'{metric}_{label}']:.3f}"
+        )
+    if row["init"] != "random":
+        v = row["speedup"]
+        parts.append("speed-up " + ("not reached" if v is None else f"{v:.1f}x"))
+    return " | ".join(parts)
+
+
+def markdown_table(rows: list[dict[str, Any]], metric: str) -> str:
+    """The rows as a Markdown table: loss and metric at 0, N/10, N, and the speed-up."""
+    cols = ["arch", "num_params", "init"]
+    for label in ("0", "n10", "n"):
+        cols += [f"loss_{label}", f"{metric}_{label}"]
+    cols.append("speedup")
+    names = {"n10": "N/10", "n": "N", "0": "0"}
+
+    def header(c: str) -> str:
+        for label in ("n10", "n", "0"):
+            if c.endswith("_" + label):
+                return f"{c[: -len(label) - 1]} @{names[label]}"
+        return {"num_params": "params"}.get(c, c)
+
+    lines = ["| " + " | ".join(header(c) for c in cols) + " |"]
+    lines.append("|" + "|".join("---" if c in ("arch", "init") else "---:" for c in cols) + "|")
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if c == "num_params":
+                cells.append(f"{v:,}")
+            elif c == "speedup":
+                cells.append(
+                    ""
+                    if r["init"] == "random"
+                    else (format_value(v, 1) + ("x" if v is not None else ""))
+                )
+            else:
+                cells.append(format_value(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_params(params, directory: str | os.PathLike) -> Path:
+    """An `nnx.State` of parameters as an Orbax checkpoint of a plain nested dict.
+
+    Restorable with Orbax and Flax alone (no `ghn`)::
+
+        state = nnx.state(model, nnx.Param)
+        restored = ocp.StandardCheckpointer().restore(path, nnx.to_pure_dict(state))
+        nnx.replace_by_pure_dict(state, restored)
+        nnx.update(model, state)
+    """
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    pure = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(directory, pure, force=True)
+    return directory

@@ -1,0 +1,227 @@
+"""Trained GHNs on disk: the ones shipped with the package, exports, and training workdirs.
+
+    hyper = ghn.load("vit-mnist")           # shipped with the package
+    hyper = ghn.load("runs/vit_mnist")      # a train.py workdir (its latest checkpoint)
+    hyper = ghn.load("my_ghn/")             # a directory written by ghn.save
+
+An exported GHN is a directory with `ghn.json` (the `GHNConfig` and what it
+was trained on) and `params/` (an Orbax checkpoint of the GHN's parameters as
+a plain nested dict of float32 arrays). `python -m ghn.hub export WORKDIR DIR`
+turns a training run into one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ghn.hypernet import GHN, GHNConfig
+
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+FORMAT = 1
+
+
+class GHNNotFoundError(FileNotFoundError):
+    """Neither a shipped GHN's name nor a directory holding a GHN."""
+
+
+def available() -> dict[str, dict[str, Any]]:
+    """The GHNs shipped with the package: name -> what `info(name)` returns."""
+    out = {}
+    if PRETRAINED_DIR.is_dir():
+        for d in sorted(PRETRAINED_DIR.iterdir()):
+            if (d / "ghn.json").is_file():
+                out[d.name] = _read_json(d / "ghn.json")
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable ghn.json ({e})") from e
+    if record.get("format") != FORMAT:
+        raise ValueError(f"{path} has format {record.get('format')!r}; this version reads {FORMAT}")
+    return record
+
+
+def _abstract_params(config: GHNConfig):
+    abstract = nnx.eval_shape(lambda: GHN(config, rngs=nnx.Rngs(0)))
+    return nnx.graphdef(abstract), nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+
+
+def _lookup(raw, path) -> Any:
+    """`raw[k1][k2]...` for a tree path, accepting the string keys Orbax restores ints as."""
+    node = raw
+    for entry in path:
+        key = getattr(entry, "key", getattr(entry, "idx", None))
+        if isinstance(node, dict):
+            node = node[key] if key in node else node[str(key)]
+        else:
+            node = node[int(key)]
+    return node
+
+
+def _build(config: GHNConfig, params: dict) -> GHN:
+    """A GHN of `config` holding `params` (a nested dict; string keys for ints are fine)."""
+    graphdef, abstract = _abstract_params(config)
+    leaves = []
+    for path, a in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+        where = jax.tree_util.keystr(path)
+        try:
+            x = np.asarray(_lookup(params, path))
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"saved GHN parameters lack {where}, which the config needs") from e
+        if tuple(x.shape) != tuple(a.shape):
+            raise ValueError(f"saved GHN parameter {where} has shape {x.shape}, config: {a.shape}")
+        leaves.append(jax.numpy.asarray(x, a.dtype))
+    pure = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
+    state = nnx.state(nnx.eval_shape(lambda: GHN(config, rngs=nnx.Rngs(0))), nnx.Param)
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+
+def save(hyper: GHN, directory: str | os.PathLike, **metadata: Any) -> Path:
+    """Writes `hyper` to `directory` (created; must not hold a GHN already)."""
+    directory = Path(directory).absolute()
+    if (directory / "ghn.json").exists():
+        raise FileExistsError(f"{directory} already holds a GHN; choose another directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(hyper, nnx.Param)))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(directory / "params", params)
+    record = {"format": FORMAT, "ghn_config": hyper.config.to_dict(), "metadata": metadata}
+    (directory / "ghn.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def _resolve(name_or_path: str | os.PathLike) -> Path:
+    shipped = PRETRAINED_DIR / str(name_or_path)
+    if isinstance(name_or_path, str) and "/" not in name_or_path and shipped.is_dir():
+        return shipped
+    path = Path(name_or_path).expanduser()
+    if (path / "ghn.json").is_file() or (path / "checkpoints").is_dir():
+        return path
+    names = ", ".join(available()) or "none"
+    raise GHNNotFoundError(
+        f"no GHN at {name_or_path!r}: not a shipped name (available: {names}), not a directory "
+        "with ghn.json (written by ghn.save / `python -m ghn.hub export`), and not a train.py "
+        "workdir with checkpoints/"
+    )
+
+
+def _from_workdir(workdir: Path, use_ema: bool) -> tuple[GHN, dict[str, Any]]:
+    from ghn.train.checkpoint import Checkpointer, CheckpointError
+
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=1, async_save=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise CheckpointError(f"{workdir / 'checkpoints'} holds no finished checkpoint")
+        meta = ckpt.read_meta(step)
+        config = GHNConfig.from_json(meta["ghn_config"])
+        try:
+            out = ckpt.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
+            )
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {workdir / 'checkpoints' / str(step)} could not be restored "
+                f"({type(e).__name__}: {e})"
+            ) from e
+    finally:
+        ckpt.close()
+    state = out["state"]
+    which = "ema" if use_ema and "ema" in state else "params"
+    info = {"source": str(workdir), "step": step, "weights": which}
+    config_path = workdir / "config.json"
+    if config_path.is_file():
+        info["train_config"] = json.loads(config_path.read_text())
+    return _build(config, jax.tree.map(np.asarray, state[which])), info
+
+
+def load(
+    name_or_path: str | os.PathLike, *, use_ema: bool = True, with_info: bool = False
+) -> GHN | tuple[GHN, dict[str, Any]]:
+    """A trained GHN: a shipped name (`available()`), an exported directory, or a workdir.
+
+    From a train.py workdir the latest checkpoint is read, its EMA parameters
+    when it has them and `use_ema`. `with_info=True` also returns the record of
+    what the GHN was trained on (its `ghn.json`, or the workdir's config).
+    """
+    path = _resolve(name_or_path)
+    if not (path / "ghn.json").is_file():
+        hyper, info = _from_workdir(path, use_ema)
+        return (hyper, info) if with_info else hyper
+    record = _read_json(path / "ghn.json")
+    config = GHNConfig.from_json(record["ghn_config"])
+    _, abstract = _abstract_params(config)
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            params = ckpt.restore(path.absolute() / "params", target)
+    except Exception as e:
+        raise ValueError(
+            f"the parameters in {path / 'params'} could not be restored "
+            f"({type(e).__name__}: {e}); the directory is incomplete or corrupt"
+        ) from e
+    hyper = _build(config, params)
+    info = {"source": str(path), **record}
+    return (hyper, info) if with_info else hyper
+
+
+def info(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """What a GHN was trained on, without loading its parameters."""
+    path = _resolve(name_or_path)
+    if (path / "ghn.json").is_file():
+        return {"source": str(path), **_read_json(path / "ghn.json")}
+    return load(path, with_info=True)[1]
+
+
+def export(workdir: str | os.PathLike, directory: str | os.PathLike, **metadata: Any) -> Path:
+    """A train.py workdir's latest GHN (EMA if any) as an exported GHN directory."""
+    hyper, found = load(workdir, with_info=True)
+    train_config = found.get("train_config", {})
+    record = {
+        "train_step": found["step"],
+        "weights": found["weights"],
+        "train_config": train_config,
+        **metadata,
+    }
+    versions = Path(workdir) / "versions.json"
+    if versions.is_file():
+        record["versions"] = json.loads(versions.read_text())
+    return save(hyper, directory, **record)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ghn.hub", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="a train.py workdir's GHN -> an exported directory")
+    ex.add_argument("workdir")
+    ex.add_argument("directory")
+    ex.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="metadata to record"
+    )
+    sub.add_parser("list", help="the shipped GHNs")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for name, record in available().items():
+            meta = record.get("metadata", {})
+            print(f"{name}: {meta.get('description', '')}")
+        return
+    metadata = dict(kv.split("=", 1) for kv in args.set)
+    print(export(args.workdir, args.directory, **metadata))
+
+
+if __name__ == "__main__":
+    main()
