@@ -1,0 +1,187 @@
+"""Trained GHNs on disk (ghn.load / ghn.save / export) and eval.py's comparison of inits."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from test_train_common import ROOT, env, tiny_config
+
+import ghn
+from ghn import evaluate, hub, zoo
+from ghn.train import run
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """Leaves by path "a/0/b" (Orbax restores integer keys as strings)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    name = lambda e: str(getattr(e, "key", getattr(e, "idx", e)))
+    return {"/".join(name(e) for e in p): np.asarray(x) for p, x in leaves}
+
+
+def ghn_params(hyper) -> dict[str, np.ndarray]:
+    return flat(nnx.to_pure_dict(nnx.state(hyper, nnx.Param)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A 3-step training run with an EMA: its checkpoint holds params and ema."""
+    path = tmp_path_factory.mktemp("run")
+    run(tiny_config({"num_steps": 3}), path)
+    return path
+
+
+def checkpoint_state(workdir):
+    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "3" / "state")
+
+
+def test_load_from_a_workdir_reads_the_latest_checkpoint(workdir):
+    saved = checkpoint_state(workdir)
+    hyper, info = ghn.load(workdir, with_info=True)
+    assert info["step"] == 3 and info["weights"] == "ema"
+    assert info["train_config"]["data"]["name"] == "mnist5k"
+    got, want = ghn_params(hyper), flat(saved["ema"])
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    # EMA and raw parameters differ after 3 steps; use_ema=False reads the raw ones.
+    raw = ghn_params(ghn.load(workdir, use_ema=False))
+    assert any(not np.array_equal(raw[k], want[k]) for k in want)
+    for k, v in flat(saved["params"]).items():
+        np.testing.assert_array_equal(raw[k], v, err_msg=k)
+
+
+def test_export_save_and_load_round_trip_and_errors(workdir, tmp_path):
+    out = hub.export(workdir, tmp_path / "exported", description="test")
+    record = json.loads((out / "ghn.json").read_text())
+    assert record["metadata"]["description"] == "test"
+    assert record["metadata"]["train_step"] == 3
+    assert record["ghn_config"]["d_model"] == 32
+    a, b = ghn_params(ghn.load(workdir)), ghn_params(ghn.load(out))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert hub.info(out)["metadata"]["train_config"]["seed"] == 0
+
+    with pytest.raises(FileExistsError, match="already holds a GHN"):
+        ghn.save(ghn.load(out), out)
+    with pytest.raises(hub.GHNNotFoundError, match="not a shipped name"):
+        ghn.load(tmp_path / "nowhere")
+    with pytest.raises(hub.GHNNotFoundError, match="available: "):
+        ghn.load("no-such-ghn")
+    # Parameters of another config: a clear error naming the mismatch.
+    cfg = json.loads((out / "ghn.json").read_text())
+    cfg["ghn_config"]["d_model"] = 48
+    (out / "ghn.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="could not be restored|shape"):
+        ghn.load(out)
+    # A directory whose parameter files are gone.
+    cfg["ghn_config"]["d_model"] = 32
+    (out / "ghn.json").write_text(json.dumps(cfg))
+    for f in (out / "params").rglob("*"):
+        if f.is_file() and "manifest" in f.name:
+            f.unlink()
+    with pytest.raises(ValueError, match="incomplete or corrupt"):
+        ghn.load(out)
+
+
+def test_eval_points_and_speedup():
+    assert evaluate.eval_points(200) == list(range(0, 201, 10))
+    pts = evaluate.eval_points(7)
+    assert {0, 1, 7} <= set(pts) and pts == sorted(set(pts))
+
+    def curve(losses, steps=100):
+        pts = evaluate.eval_points(steps)
+        return evaluate.Curve("x", pts, list(losses), [0.0] * len(pts), [])
+
+    n = len(evaluate.eval_points(100))  # 0, 5, ..., 100
+    predicted = curve([1.0] * n)  # loss 1.0 at N/10 = step 10
+    # Random reaches 1.0 halfway between steps 40 (1.2) and 45 (0.8): 42.5 steps -> 4.25x.
+    losses = [2.0 - 0.1 * i for i in range(9)] + [0.8] * (n - 9)
+    assert evaluate.speedup(predicted, curve(losses)) == pytest.approx(4.25)
+    assert evaluate.speedup(predicted, curve([1.5] * n)) is None  # never reached
+    assert evaluate.speedup(predicted, curve([0.5] * n)) == 0.0  # random is better at once
+
+
+def test_markdown_table_shows_every_init_and_the_speedup():
+    rows = [
+        {"arch": "a", "num_params": 1234, "init": "predicted", "steps": 10, "speedup": None},
+        {"arch": "a", "num_params": 1234, "init": "random", "steps": 10, "speedup": None},
+    ]
+    for r in rows:
+        for label in ("0", "n10", "n"):
+            r[f"loss_{label}"], r[f"accuracy_{label}"] = 1.0, 0.5
+    table = evaluate.markdown_table(rows, "accuracy")
+    lines = table.strip().splitlines()
+    assert len(lines) == 4 and "accuracy @N/10" in lines[0] and "1,234" in lines[2]
+    assert "not reached" in lines[2] and "not reached" not in lines[3]
+
+
+def test_finetune_sees_the_same_data_and_learns():
+    setup = evaluate.Setup.from_name("mnist5k")
+    spec = setup.fit(zoo.get("vit-ti", depth=1, width=32, num_heads=2, patch_size=7))
+    recipe = evaluate.Recipe(steps=12, lr=3e-3, warmup_steps=0, batch_size=32, eval_batches=1)
+    # Every init is fine-tuned on the same batches in the same order.
+    a, b = setup.train_iterator(recipe), setup.train_iterator(recipe)
+    for _ in range(3):
+        x, y = next(a), next(b)
+        assert all(np.array_equal(x[k], y[k]) for k in x)
+    curves = [
+        evaluate.finetune(spec.build(rngs=nnx.Rngs(0)), setup, recipe, init="random")
+        for _ in range(2)
+    ]
+    # Same init, same first batch: the same first loss. (Later steps agree only up
+    # to float round-off, which Adam amplifies where gradients are near zero.)
+    assert curves[0].train_loss[0] == curves[1].train_loss[0]
+    assert curves[0].eval_loss[0] == curves[1].eval_loss[0]
+    assert curves[0].eval_steps == evaluate.eval_points(12)
+    assert len(curves[0].train_loss) == 12
+    assert curves[0].eval_loss[-1] < curves[0].eval_loss[0] - 0.05
+
+
+def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path):
+    out = tmp_path / "eval"
+    cmd = [
+        sys.executable,
+        str(ROOT / "eval.py"),
+        f"--ghn={workdir}",
+        "--archs=heldout",
+        "--steps=4",
+        "--batch_size=16",
+        "--eval_batches=1",
+        "--eval_batch_size=50",
+        f"--workdir={out}",
+    ]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record = json.loads((out / "results.json").read_text())
+    rows = record["rows"]
+    assert [r["init"] for r in rows] == ["predicted", "random"]
+    assert record["metric"] == "accuracy" and record["recipe"]["steps"] == 4
+    for r in rows:
+        for key in ("loss_0", "loss_n10", "loss_n", "accuracy_0", "accuracy_n"):
+            assert np.isfinite(r[key]), key
+    # Different inits, same data: the step-0 losses differ.
+    assert rows[0]["loss_0"] != rows[1]["loss_0"]
+    arch = rows[0]["arch"]
+    assert (out / "curves" / f"{arch}.png").stat().st_size > 10_000
+    assert arch in (out / "results.md").read_text()
+
+    # A plain Flax user restores the predicted parameters into their own model.
+    spec = zoo.spec_from_json(json.loads((out / "predicted" / f"{arch}.json").read_text()))
+    model = spec.build(rngs=nnx.Rngs(123))
+    state = nnx.state(model, nnx.Param)
+    restored = ocp.StandardCheckpointer().restore(out / "predicted" / arch, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+    # ...and they are the GHN's prediction, giving the step-0 loss in the table.
+    setup = evaluate.Setup.from_name("mnist5k")
+    expected = ghn.load(workdir).predict(model, setup.input_spec(spec))
+    for k, v in flat(nnx.to_pure_dict(expected)).items():
+        np.testing.assert_allclose(flat(restored)[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+    batch = setup.eval_batches(evaluate.Recipe(eval_batch_size=50, eval_batches=1))[0]
+    sums = setup.task.sums(model, batch)
+    assert float(sums["loss_sum"] / sums["count"]) == pytest.approx(rows[0]["loss_0"], rel=1e-4)
