@@ -3,8 +3,8 @@
     python eval.py --ghn vit-mnist --archs heldout,larger,vit-ti:patch_size=7 --workdir runs/eval
     python eval.py --ghn runs/vit_mnist --archs my_arch.json --steps 500 --workdir runs/eval2
 
---ghn is a shipped GHN's name (`python -m ghn.hub list`), a directory written
-by `ghn.save` / `python -m ghn.hub export`, or a train.py workdir.
+--ghn is a shipped GHN's name (`python -m ghn list`), a directory written
+by `ghn.save` / `python -m ghn export`, or a train.py workdir.
 
 --archs is a comma-separated list of:
   heldout, larger   the held-out / larger-than-training architectures of the

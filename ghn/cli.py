@@ -79,12 +79,18 @@ def cmd_predict(args) -> None:
     from ghn.hypernet.predict import prepare
 
     spec = load_spec(args.arch, _parse_overrides(args.set))
-    config = ghn.GHNConfig.named(args.config)
     start = time.perf_counter()
-    hyper = ghn.GHN(config, rngs=nnx.Rngs(args.seed))
+    if args.ghn:
+        hyper = ghn.load(args.ghn)
+        config = hyper.config
+        what = f"trained: {args.ghn}"
+    else:
+        config = ghn.GHNConfig.named(args.config)
+        hyper = ghn.GHN(config, rngs=nnx.Rngs(args.seed))
+        what = f"{args.config}, untrained, seed {args.seed}"
     print(
-        f"GHN ({args.config}, {ghn.hypernet.param_count(hyper):,} params, untrained, "
-        f"seed {args.seed}) built in {time.perf_counter() - start:.1f}s"
+        f"GHN ({what}, {ghn.hypernet.param_count(hyper):,} params) "
+        f"ready in {time.perf_counter() - start:.1f}s"
     )
     model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
     x = spec.input_spec(batch_size=1)
@@ -107,6 +113,24 @@ def cmd_predict(args) -> None:
         print(f"{role:<14}{len(values):>6}{flat.mean():>10.4f}{flat.std():>10.4f}")
 
 
+def cmd_list(args) -> None:
+    from ghn import hub
+
+    for name, record in hub.available().items():
+        meta = record.get("metadata", {})
+        print(f"{name}: {meta.get('description', '')}")
+        for key in ("command", "train_time", "hardware"):
+            if key in meta:
+                print(f"    {key}: {meta[key]}")
+
+
+def cmd_export(args) -> None:
+    from ghn import hub
+
+    metadata = dict(kv.split("=", 1) for kv in args.set)
+    print(hub.export(args.workdir, args.directory, **metadata))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ghn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,7 +149,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--fast-compile", action="store_true", help="skip XLA backend optimizations (CPU)"
     )
+    p.add_argument("--ghn", help="a trained GHN (shipped name, export or workdir) instead")
     p.set_defaults(fn=cmd_predict)
+    p = sub.add_parser("list", help="the trained GHNs shipped with the package")
+    p.set_defaults(fn=cmd_list)
+    p = sub.add_parser("export", help="a train.py workdir's GHN -> a directory ghn.load reads")
+    p.add_argument("workdir")
+    p.add_argument("directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="metadata to record in ghn.json")
+    p.set_defaults(fn=cmd_export)
     args = parser.parse_args(argv)
     args.fn(args)
 

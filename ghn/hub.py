@@ -6,7 +6,7 @@
 
 An exported GHN is a directory with `ghn.json` (the `GHNConfig` and what it
 was trained on) and `params/` (an Orbax checkpoint of the GHN's parameters as
-a plain nested dict of float32 arrays). `python -m ghn.hub export WORKDIR DIR`
+a plain nested dict of float32 arrays). `python -m ghn export WORKDIR DIR`
 turns a training run into one.
 """
 
@@ -112,7 +112,7 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
     names = ", ".join(available()) or "none"
     raise GHNNotFoundError(
         f"no GHN at {name_or_path!r}: not a shipped name (available: {names}), not a directory "
-        "with ghn.json (written by ghn.save / `python -m ghn.hub export`), and not a train.py "
+        "with ghn.json (written by ghn.save / `python -m ghn export`), and not a train.py "
         "workdir with checkpoints/"
     )
 
@@ -199,29 +199,3 @@ def export(workdir: str | os.PathLike, directory: str | os.PathLike, **metadata:
     if versions.is_file():
         record["versions"] = json.loads(versions.read_text())
     return save(hyper, directory, **record)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m ghn.hub", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="a train.py workdir's GHN -> an exported directory")
-    ex.add_argument("workdir")
-    ex.add_argument("directory")
-    ex.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="metadata to record"
-    )
-    sub.add_parser("list", help="the shipped GHNs")
-    args = parser.parse_args(argv)
-    if args.command == "list":
-        for name, record in available().items():
-            meta = record.get("metadata", {})
-            print(f"{name}: {meta.get('description', '')}")
-        return
-    metadata = dict(kv.split("=", 1) for kv in args.set)
-    print(export(args.workdir, args.directory, **metadata))
-
-
-if __name__ == "__main__":
-    main()
