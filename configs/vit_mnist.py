@@ -2,12 +2,15 @@
 
     python train.py --config configs/vit_mnist.py --workdir /tmp/w
 
-Hardware: 2 CPU cores suffice (a laptop or CI runner). Time: a few minutes, most
-of it compiling one XLA program per architecture (6 training + 3 evaluation
-ViTs); a second run with the same compilation cache skips that. Expect the
-task loss to fall from ~2.3 (chance on 10 classes) to well under 1 and the
-predicted parameters of held-out ViTs, used with no training at all, to beat
-chance by far.
+Hardware: 2 CPU cores suffice (a laptop or CI runner). Time: 2-4 minutes,
+about half of it compiling one XLA program per architecture (4 training + 3
+evaluation ViTs); a second run with the same compilation cache skips that.
+Measured on 2 cores: the task loss of the predicted ViTs falls from ~2.5 to
+~1.5 (training accuracy 0.11 -> 0.43) over the 800 steps. Four training
+architectures generalize little: held-out ViTs reach 0.12-0.34 accuracy with
+predicted parameters and no training. The shipped `vit-mnist` GHN is this
+config with 16 architectures and 4000 steps (`python -m ghn list` has the
+command): 0.57 on held-out ViTs.
 """
 
 import ml_collections
