@@ -121,6 +121,12 @@ def main(argv):
         eval_batch_size=_EVAL_BATCH_SIZE.value,
         eval_batches=_EVAL_BATCHES.value,
     )
+    # Every target must fit the GHN (e.g. its max_dim): fail now, not after hours of fine-tuning.
+    for spec in specs:
+        check_fits(hyper, spec, setup)
+    for ghn_name, other in baselines.items():
+        for spec in specs:
+            check_fits(other, spec, setup, ghn_name)
     rows, curves = [], {}
     (workdir / "curves").mkdir(exist_ok=True)
     start = time.perf_counter()
@@ -136,24 +142,38 @@ def main(argv):
         (out.parent / f"{spec.name}.json").write_text(json.dumps(spec.to_json(), indent=2) + "\n")
         for r in result.rows():
             print("   ", evaluate.format_row(r, setup.task.metric), flush=True)
-    record = {
-        "ghn": _GHN.value,
-        "ghn_source": info.get("source"),
-        "data": setup.train.name,
-        "metric": setup.task.metric,
-        "recipe": dataclasses.asdict(recipe),
-        "seconds": round(time.perf_counter() - start, 1),
-        "rows": rows,
-    }
-    (workdir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
-    (workdir / "curves.json").write_text(json.dumps(curves) + "\n")
-    table = evaluate.markdown_table(rows, setup.task.metric)
-    (workdir / "results.md").write_text(
-        f"GHN `{_GHN.value}` on {setup.train.name}, N = {recipe.steps} fine-tuning steps "
-        f"(lr {recipe.lr}, batch {recipe.batch_size}, seed {recipe.seed}).\n\n" + table
-    )
+        # Written after every target, so an interrupted run keeps what it finished.
+        record = {
+            "ghn": _GHN.value,
+            "ghn_source": info.get("source"),
+            "data": setup.train.name,
+            "metric": setup.task.metric,
+            "recipe": dataclasses.asdict(recipe),
+            "seconds": round(time.perf_counter() - start, 1),
+            "rows": rows,
+        }
+        (workdir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        (workdir / "curves.json").write_text(json.dumps(curves) + "\n")
+        table = evaluate.markdown_table(rows, setup.task.metric)
+        (workdir / "results.md").write_text(
+            f"GHN `{_GHN.value}` on {setup.train.name}, N = {recipe.steps} fine-tuning steps "
+            f"(lr {recipe.lr}, batch {recipe.batch_size}, seed {recipe.seed}).\n\n" + table
+        )
     print(table)
     print(f"wrote {workdir}/results.json, results.md, curves/, predicted/")
+
+
+def check_fits(hyper, spec, setup, label: str = "--ghn") -> None:
+    from flax import nnx
+
+    from ghn.hypernet.predict import check_width, prepare
+
+    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    try:
+        prepared = prepare(model, (setup.input_spec(spec),), hyper.config)
+        check_width(prepared.plan, hyper.config)
+    except ValueError as e:
+        raise app.UsageError(f"{spec.name} does not fit the {label} GHN: {e}") from e
 
 
 if __name__ == "__main__":

@@ -185,3 +185,17 @@ def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path
     batch = setup.eval_batches(evaluate.Recipe(eval_batch_size=50, eval_batches=1))[0]
     sums = setup.task.sums(model, batch)
     assert float(sums["loss_sum"] / sums["count"]) == pytest.approx(rows[0]["loss_0"], rel=1e-4)
+
+
+def test_eval_py_rejects_a_target_the_ghn_cannot_decode_before_any_work(workdir, tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "eval.py"),
+        f"--ghn={workdir}",
+        "--archs=heldout,vit-ti:patch_size=7",
+        f"--workdir={tmp_path}",
+    ]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "vit-d12-w192-h3-p7 does not fit" in proc.stderr and "max_dim" in proc.stderr
+    assert not (tmp_path / "results.json").exists()
