@@ -156,8 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("export", help="a train.py workdir's GHN -> a directory ghn.load reads")
     p.add_argument("workdir")
     p.add_argument("directory")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="metadata to record in ghn.json")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="metadata to record in ghn.json",
+    )
     p.set_defaults(fn=cmd_export)
     args = parser.parse_args(argv)
     args.fn(args)

@@ -27,12 +27,17 @@ def test_notebook_runs_top_to_bottom(name, tmp_path):
     )
     client.execute()  # raises CellExecutionError naming the failing cell
     images = [
-        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
         if "image/png" in o.get("data", {})
     ]
     assert images, "the notebook shows its plots"
     text = "".join(
         o.get("text", "") + str(o.get("data", {}).get("text/markdown", ""))
-        for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
     )
     assert "predicted" in text and "random" in text

@@ -59,8 +59,11 @@ def test_shipped_ghn_predicts_a_heldout_architecture_far_better_than_random(name
     predicted = validation_metrics(model, setup, batches=3)
     random = validation_metrics(spec.build(rngs=nnx.Rngs(0)), setup, batches=3)
     if setup.task.kind == "image":
-        # Measured on the whole validation split: 0.57 (random: 0.10).
-        assert predicted["accuracy"] > 0.35 and random["accuracy"] < 0.2, (predicted, random)
+        # Whole validation split, measured: accuracy 0.57-0.58, loss 1.22-1.24. The zoo's
+        # ViT has a zero-initialized head: random init sits at ln 10 = 2.303, chance.
+        assert predicted["accuracy"] > 0.35, (predicted, random)
+        assert predicted["loss"] < random["loss"] - 0.7, (predicted, random)
     else:
-        assert predicted["perplexity"] < 0.5 * random["perplexity"], (predicted, random)
+        # Bytes: random init ~ ln 256 = 5.55 (perplexity ~256); measured ~3.0 (~20).
+        assert predicted["perplexity"] < 0.2 * random["perplexity"], (predicted, random)
     assert np.isfinite(predicted["loss"])

@@ -287,11 +287,19 @@ class TextDataset(Dataset):
 def stratified_split(
     labels: np.ndarray, validation_fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) indices: the last `fraction` of each class, in file order, validates."""
+    """(train, validation) indices: the last `fraction` of each class, in file order, validates.
+
+    Train indices are in file order. Validation indices take the classes in
+    turn (first of each class, then second of each, ...), so every prefix of
+    the split, e.g. the first few evaluation batches, covers all classes evenly.
+    """
     val = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         val.append(idx[len(idx) - round(validation_fraction * len(idx)) :])
     is_val = np.zeros(len(labels), bool)
     is_val[np.concatenate(val)] = True
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    rank = np.concatenate([np.arange(len(v)) for v in val])
+    cls = np.concatenate([np.full(len(v), i) for i, v in enumerate(val)])
+    val_order = np.concatenate(val)[np.lexsort((cls, rank))]
+    return np.flatnonzero(~is_val), val_order
