@@ -47,6 +47,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random-init, data-order and prediction 
 _PAPER_PARITY = flags.DEFINE_string(
     "paper_parity_ghn", None, "Also fine-tune from this (paper_parity) GHN's prediction."
 )
+_NOISE = flags.DEFINE_list(
+    "noise_mix",
+    [],
+    "Also fine-tune from sqrt(1-a^2)*predicted + a*random for each a (e.g. 0.5): full-rank "
+    "variants of the low-rank prediction.",
+)
 _DATA = flags.DEFINE_string("data", None, "Dataset name; default: the GHN's training data.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Text datasets: sequence length (default: GHN's).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where local datasets live.")
@@ -133,7 +139,13 @@ def main(argv):
     for i, spec in enumerate(specs):
         print(f"[{i + 1}/{len(specs)}] {spec.name}", flush=True)
         result = evaluate.compare(
-            hyper, spec, setup, recipe, baseline_ghns=baselines, progress=True
+            hyper,
+            spec,
+            setup,
+            recipe,
+            baseline_ghns=baselines,
+            noise_mixes=[float(a) for a in _NOISE.value],
+            progress=True,
         )
         rows += result.rows()
         curves[spec.name] = {k: vars(c) for k, c in result.curves.items()}

@@ -306,6 +306,7 @@ def compare(
     recipe: Recipe,
     *,
     baseline_ghns: dict[str, Any] | None = None,
+    noise_mixes: Sequence[float] = (),
     progress: bool = False,
 ) -> Result:
     """Fine-tunes `spec` from `hyper`'s prediction and from the family's random init.
@@ -313,7 +314,9 @@ def compare(
     `baseline_ghns` adds more predicted inits by name (e.g. a `paper_parity`
     GHN). All runs share the recipe, data order and seeds; the random init is
     `spec.build(rngs=nnx.Rngs(recipe.seed))`, and predicted inits start from the
-    same model with every parameter replaced.
+    same model with every parameter replaced. Each `a` in `noise_mixes` adds
+    the init "predicted+noise{a}" (`mix_with_random`): the prediction blended
+    with the random init, which restores full rank to predicted matrices.
     """
     spec = setup.fit(spec)
     eval_data = setup.eval_batches(recipe)
@@ -323,6 +326,13 @@ def compare(
     curves["predicted"] = finetune(
         model, setup, recipe, init="predicted", progress=progress, eval_data=eval_data
     )
+    for a in noise_mixes:
+        model = spec.build(rngs=nnx.Rngs(recipe.seed))
+        nnx.update(model, mix_with_random(predicted_copy, nnx.state(model, nnx.Param), a))
+        name = f"predicted+noise{a:g}"
+        curves[name] = finetune(
+            model, setup, recipe, init=name, progress=progress, eval_data=eval_data
+        )
     for name, other in (baseline_ghns or {}).items():
         model, _ = predict_model(other, spec, setup, recipe.seed)
         curves[name] = finetune(
@@ -336,6 +346,25 @@ def compare(
     return Result(spec, num_params, setup.task.metric, curves, predicted_copy)
 
 
+def mix_with_random(predicted, random, a: float):
+    """sqrt(1 - a^2) * predicted + a * random for every matrix and kernel (ndim >= 2).
+
+    Vectors (biases, norm scales) keep their predicted values. For independent
+    parts of equal variance the blend keeps the variance, and any a > 0 makes
+    the rank-r predicted matrices full rank.
+    """
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"noise mix must be in [0, 1], got {a}")
+    keep = math.sqrt(1.0 - a * a)
+
+    def mix(p, r):
+        if p.ndim < 2 or not jnp.issubdtype(p.dtype, jnp.floating):
+            return p
+        return (keep * p + a * r).astype(p.dtype)
+
+    return jax.tree.map(mix, predicted, random)
+
+
 def smooth(values: Sequence[float], window: int) -> np.ndarray:
     """Trailing moving average (a shorter window at the start)."""
     x = np.asarray(values, np.float64)
@@ -347,6 +376,8 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 
 COLORS = {"predicted": "tab:blue", "random": "tab:gray", "paper_parity": "tab:orange"}
+for _i, _a in enumerate((0.25, 0.5, 0.75)):
+    COLORS[f"predicted+noise{_a:g}"] = ("tab:cyan", "tab:green", "tab:olive")[_i]
 
 
 def plot(result: Result, path: str | os.PathLike | None = None, *, axes=None):

@@ -199,3 +199,19 @@ def test_eval_py_rejects_a_target_the_ghn_cannot_decode_before_any_work(workdir,
     assert proc.returncode != 0
     assert "vit-d12-w192-h3-p7 does not fit" in proc.stderr and "max_dim" in proc.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+def test_noise_mix_restores_full_rank_and_keeps_vectors():
+    rng = np.random.default_rng(0)
+    low_rank = (rng.normal(size=(64, 4)) @ rng.normal(size=(4, 48))) / 2.0  # rank 4, std ~1
+    full = rng.normal(size=(64, 48))
+    predicted = {"w": jax.numpy.asarray(low_rank), "b": jax.numpy.ones(48)}
+    random = {"w": jax.numpy.asarray(full), "b": jax.numpy.zeros(48)}
+    mixed = evaluate.mix_with_random(predicted, random, 0.5)
+    np.testing.assert_array_equal(mixed["b"], predicted["b"])
+    assert np.linalg.matrix_rank(np.asarray(predicted["w"])) == 4
+    assert np.linalg.matrix_rank(np.asarray(mixed["w"])) == 48
+    np.testing.assert_allclose(mixed["w"], np.sqrt(0.75) * low_rank + 0.5 * full, rtol=1e-5, atol=1e-5)
+    assert abs(np.std(mixed["w"]) - 1.0) < 0.15
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        evaluate.mix_with_random(predicted, random, 1.5)
