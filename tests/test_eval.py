@@ -211,7 +211,9 @@ def test_noise_mix_restores_full_rank_and_keeps_vectors():
     np.testing.assert_array_equal(mixed["b"], predicted["b"])
     assert np.linalg.matrix_rank(np.asarray(predicted["w"])) == 4
     assert np.linalg.matrix_rank(np.asarray(mixed["w"])) == 48
-    np.testing.assert_allclose(mixed["w"], np.sqrt(0.75) * low_rank + 0.5 * full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        mixed["w"], np.sqrt(0.75) * low_rank + 0.5 * full, rtol=1e-5, atol=1e-5
+    )
     assert abs(np.std(mixed["w"]) - 1.0) < 0.15
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         evaluate.mix_with_random(predicted, random, 1.5)
