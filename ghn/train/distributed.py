@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -125,6 +126,31 @@ def put_replicated(tree, sharding: NamedSharding):
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
     return jax.tree.map(put, tree)
+
+
+_BARRIERS = itertools.count()
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Every process waits here for the others; a no-op in a one-process run.
+
+    Uses the `jax.distributed` coordination service, not a device collective:
+    CPU (gloo) collectives give up after ~30 s when a peer is late, e.g. still
+    compiling a program on a loaded machine, so processes line up here first.
+    All processes must call it the same number of times in the same order.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed  # the client has no public accessor
+
+    client = jax_distributed.global_state.client
+    barrier_id = f"ghn/{name}/{next(_BARRIERS)}"
+    if client is None:  # not started by jax.distributed.initialize
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(barrier_id)
+        return
+    client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
 
 
 def all_processes_agree(flag: bool) -> bool:

@@ -32,7 +32,13 @@ from flax import nnx
 from ghn.hypernet import GHN, GHNConfig
 from ghn.hypernet.predict import Prepared, check_width, predict_leaves, prepare
 from ghn.train import compile_cache
-from ghn.train.distributed import batch_sharding, fsdp_sharding, put_replicated, replicated
+from ghn.train.distributed import (
+    barrier,
+    batch_sharding,
+    fsdp_sharding,
+    put_replicated,
+    replicated,
+)
 from ghn.train.tasks import Task
 from ghn.zoo import ArchSpec
 
@@ -177,6 +183,9 @@ class Programs:
             fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate
         )
         compiled = jitted.lower(*args).compile()
+        # Processes compile at their own pace; line them up before the program's
+        # collectives run (every process compiles the same programs in order).
+        barrier(f"compiled-{kind}")
         self.stats.compile_seconds[kind] += time.perf_counter() - start
         self.stats.compilations[kind] += 1
         if compile_cache.persistent_cache_counts()["hits"] > before:

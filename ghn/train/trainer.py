@@ -28,7 +28,7 @@ from ghn.train import compile_cache
 from ghn.train.archs import ArchSampler, make_pools, num_params
 from ghn.train.checkpoint import FORMAT, Checkpointer, CheckpointError, tree_digest
 from ghn.train.config import ghn_config, validate
-from ghn.train.distributed import all_processes_agree, local_array, make_mesh
+from ghn.train.distributed import all_processes_agree, barrier, local_array, make_mesh
 from ghn.train.metrics import MetricWriter, versions, write_json
 from ghn.train.programs import Programs
 from ghn.train.tasks import check_archs, eval_batches, load_datasets, train_iterator
@@ -319,7 +319,10 @@ class Trainer:
         window = _Window()
         pending = None
         last_log: dict[str, Any] = {}
-        saved_at = evaluated_at = None
+        evaluated_at = None
+        # The step whose checkpoint exists already (a resumed run's start), so a
+        # stop right after a save does not write the same step twice.
+        saved_at = start if self.ckpt is not None and self.ckpt.latest_step() == start else None
         stopped_by = None
 
         def drain():
@@ -330,6 +333,9 @@ class Trainer:
                     window.add(metrics)
                 pending = None
 
+        # Processes start at their own pace (imports, data, init); meet before the first
+        # collective.
+        barrier("train-start")
         with self._signals():
             try:
                 while step < cfg.num_steps:
@@ -369,7 +375,7 @@ class Trainer:
                         self.save(step)
                         saved_at = step
                 drain()
-                if (saved_at != step and step > start) or stopped_by:
+                if saved_at != step and (step > start or stopped_by):
                     self.save(step, wait=True)
                     saved_at = step
             finally:
