@@ -5,8 +5,13 @@
 Hardware: 2 CPU cores suffice; any GPU is faster. Time: about 5 minutes on 2 CPU
 cores, most of it compiling one program per architecture (6 training + 3
 evaluation GPTs). The data (`pydoc_text`, ~465k characters) ships with Python,
-so this runs offline. Expect the byte-level task loss to fall from ~5.5 toward
-~3 (perplexity ~20) as the GHN learns to predict working language models.
+so this runs offline. The byte-level task loss starts at ~5.5 (uniform over
+256 bytes). Measured in the longer run the shipped `gpt2-text` GHN comes from
+(this config with 12 architectures of 2-4 blocks and width 32-128, K = 3072,
+3000 steps; `python -m ghn list` has the command, 31 min on 2 cores): 4.05 at
+step 100, 3.39 at step 300 (near a byte-unigram model's 3.25), a plateau until
+step ~1500, then 3.20 at step 3000; held-out GPTs reach perplexity 19-21 with
+predicted parameters and no training.
 """
 
 import ml_collections
