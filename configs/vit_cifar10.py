@@ -25,11 +25,11 @@ import ml_collections
 from ghn.hypernet import GHNConfig
 from ghn.train import base_config
 
-NUM_CLASSES = 10
 STEPS_PER_EPOCH = 50_000 // 128
 
 
-def get_config() -> ml_collections.ConfigDict:
+def get_config(num_classes: int = 10) -> ml_collections.ConfigDict:
+    """CIFAR-10; `configs/vit_cifar100.py` calls this with 100."""
     config = base_config()
     config.num_steps = 100 * STEPS_PER_EPOCH
     config.log_every = 100
@@ -37,12 +37,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.archs.sampler = "vits-1k"
     config.archs.ranges = ml_collections.ConfigDict(
-        dict(image_size=32, in_channels=3, num_classes=NUM_CLASSES)
+        dict(image_size=32, in_channels=3, num_classes=num_classes)
     )
     config.archs.pool_size = 1000
     config.archs.meta_batch_size = 8
 
-    config.data.name = "cifar10" if NUM_CLASSES == 10 else "cifar100"
+    config.data.name = {10: "cifar10", 100: "cifar100"}[num_classes]
     config.data.eval_split = "test"
     config.data.batch_size = 128
     config.data.augment = True
