@@ -2,11 +2,15 @@
 
     python train.py --config configs/cnn_mnist.py --workdir /tmp/cnn_mnist
 
-Hardware: 2 CPU cores suffice. Time: about 5-10 minutes on 2 CPU cores;
-DeepNets-1M-style cells have many small operations, so each of the 6 training
-and 3 evaluation networks takes longer to compile than a ViT. Expect the task
-loss to fall from ~2.3 and held-out accuracy of predicted parameters (BatchNorm
-in training mode, as during meta-training) well above chance.
+Hardware: 2 CPU cores suffice. Time: measured 7 minutes on 2 CPU cores
+(DeepNets-1M-style cells have many small operations, so each of the 6
+training and 3 evaluation networks takes longer to compile than a ViT).
+Measured: the task loss falls from 2.90 (step 20) to 2.29 by step 300, i.e.
+only to chance (ln 10 = 2.30); held-out networks' predicted parameters stay
+at chance (accuracy 0.10). At this scale the GHN does not yet learn useful
+cell-network parameters; this config exercises the CNN path (BatchNorm in
+training mode, convolutions, concatenation) and is a starting point for
+longer runs, not a demonstration.
 """
 
 import ml_collections
