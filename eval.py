@@ -61,22 +61,18 @@ flags.mark_flags_as_required(["ghn", "workdir"])
 
 def parse_archs(text: str, info: dict, setup) -> list:
     """The target specs named by --archs."""
-    import ml_collections
-
     from ghn import zoo
-    from ghn.train.archs import make_pools
+    from ghn.evaluate import training_pools
 
     specs = []
     pools = None
     for item in [t.strip() for t in text.split(",") if t.strip()]:
         if item in ("heldout", "larger"):
             if pools is None:
-                tc = info.get("train_config") or info.get("metadata", {}).get("train_config")
-                if not tc:
-                    raise app.UsageError(f"{item!r}: this GHN records no training config")
-                pools = make_pools(
-                    ml_collections.ConfigDict(tc["archs"]), ml_collections.ConfigDict(tc["eval"])
-                )
+                try:
+                    pools = training_pools(info)
+                except ValueError as e:
+                    raise app.UsageError(f"{item!r}: {e}") from e
             specs += list(pools.heldout if item == "heldout" else pools.larger)
         elif item.endswith(".json"):
             doc = json.loads(Path(item).read_text())

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import math
 import os
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import optax
 from flax import nnx
 
 from ghn import data as ghn_data
-from ghn.train.tasks import Task, task_fields
+from ghn.train.tasks import Task, eval_batches, task_fields, train_iterator
 from ghn.zoo import ArchSpec
 
 NUM_POINTS = 20  # evaluation points after step 0
@@ -75,7 +76,9 @@ class Setup:
     @classmethod
     def from_ghn_info(cls, info: dict[str, Any], **kwargs: Any) -> Setup:
         """The dataset a GHN was trained on, from `ghn.hub.info` / `load(with_info=True)`."""
-        train_config = info.get("train_config") or info.get("metadata", {}).get("train_config")
+        from ghn.hub import train_config_of
+
+        train_config = train_config_of(info)
         if not train_config:
             raise ValueError("this GHN records no training config; name the dataset instead")
         d = train_config["data"]
@@ -100,23 +103,29 @@ class Setup:
         return self.task.input_spec(spec)
 
     def train_iterator(self, recipe: Recipe):
-        kw = dict(seed=recipe.seed)
-        if self.task.kind == "text":
-            return self.train.iterator(recipe.batch_size, self.task.seq_len, **kw)
-        return self.train.iterator(recipe.batch_size, **kw)
+        """The same batches, in the same order, for every init fine-tuned with `recipe`."""
+        data = types.SimpleNamespace(batch_size=recipe.batch_size)
+        return train_iterator(data, self.task, self.train, recipe.seed, 0, 1)
 
     def eval_batches(self, recipe: Recipe) -> list[dict[str, np.ndarray]]:
-        kw = dict(shuffle=False, num_epochs=1, drop_remainder=False)
-        if self.task.kind == "text":
-            it = self.validation.iterator(recipe.eval_batch_size, self.task.seq_len, **kw)
-        else:
-            it = self.validation.iterator(recipe.eval_batch_size, **kw)
-        out = []
-        for batch in it:
-            out.append(batch)
-            if recipe.eval_batches and len(out) >= recipe.eval_batches:
-                break
-        return out
+        """The validation batches every evaluation point uses (the last one padded)."""
+        spec = types.SimpleNamespace(
+            batch_size=recipe.eval_batch_size, max_batches=recipe.eval_batches
+        )
+        return eval_batches(spec, self.task, self.validation, 0, 1)
+
+
+def training_pools(info: dict[str, Any]):
+    """The training, held-out and larger architectures of a GHN's own training run."""
+    import ml_collections
+
+    from ghn.hub import train_config_of
+    from ghn.train.archs import make_pools
+
+    tc = train_config_of(info)
+    if not tc:
+        raise ValueError("this GHN records no training config")
+    return make_pools(ml_collections.ConfigDict(tc["archs"]), ml_collections.ConfigDict(tc["eval"]))
 
 
 @dataclasses.dataclass

@@ -53,8 +53,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _abstract_params(config: GHNConfig):
+    """(graphdef, abstract Param state, its pure-dict view) of a GHN of `config`."""
     abstract = nnx.eval_shape(lambda: GHN(config, rngs=nnx.Rngs(0)))
-    return nnx.graphdef(abstract), nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    state = nnx.state(abstract, nnx.Param)
+    return nnx.graphdef(abstract), state, nnx.to_pure_dict(state)
+
+
+def train_config_of(info: dict[str, Any]) -> dict[str, Any] | None:
+    """The train.py config a GHN was trained with, from `load(..., with_info=True)` or `info`."""
+    return info.get("train_config") or info.get("metadata", {}).get("train_config")
 
 
 def _lookup(raw, path) -> Any:
@@ -71,7 +78,7 @@ def _lookup(raw, path) -> Any:
 
 def _build(config: GHNConfig, params: dict) -> GHN:
     """A GHN of `config` holding `params` (a nested dict; string keys for ints are fine)."""
-    graphdef, abstract = _abstract_params(config)
+    graphdef, state, abstract = _abstract_params(config)
     leaves = []
     for path, a in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         where = jax.tree_util.keystr(path)
@@ -83,7 +90,6 @@ def _build(config: GHNConfig, params: dict) -> GHN:
             raise ValueError(f"saved GHN parameter {where} has shape {x.shape}, config: {a.shape}")
         leaves.append(jax.numpy.asarray(x, a.dtype))
     pure = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
-    state = nnx.state(nnx.eval_shape(lambda: GHN(config, rngs=nnx.Rngs(0))), nnx.Param)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
@@ -162,7 +168,7 @@ def load(
         return (hyper, info) if with_info else hyper
     record = _read_json(path / "ghn.json")
     config = GHNConfig.from_json(record["ghn_config"])
-    _, abstract = _abstract_params(config)
+    _, _, abstract = _abstract_params(config)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
     try:
         with ocp.StandardCheckpointer() as ckpt:

@@ -8,7 +8,6 @@ from flax import nnx
 
 import ghn
 from ghn import evaluate, hub, zoo
-from ghn.train.archs import make_pools
 
 SHIPPED = ("vit-mnist", "gpt2-text")
 
@@ -30,13 +29,7 @@ def test_shipped_ghns_are_listed_documented_and_small():
 
 def heldout_spec(info) -> zoo.ArchSpec:
     """The first held-out architecture of the GHN's own training run."""
-    import ml_collections
-
-    tc = info["metadata"]["train_config"]
-    pools = make_pools(
-        ml_collections.ConfigDict(tc["archs"]), ml_collections.ConfigDict(tc["eval"])
-    )
-    return pools.heldout[0]
+    return evaluate.training_pools(info).heldout[0]
 
 
 def validation_metrics(model, setup, batches: int) -> dict[str, float]:
