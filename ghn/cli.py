@@ -2,51 +2,30 @@
 
 python -m ghn trace vit-s --set image_size=32 --draw vit-s.png
 python -m ghn trace archs.json:heldout:0 --summary
+python -m ghn trace vit-ti:depth=4;patch_size=7
 python -m ghn predict gpt2-large --out predicted/
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import json
 import sys
 import time
-from pathlib import Path
+
+ARCH_HELP = "preset[:field=value;...], spec JSON file, or dataset.json:split:index"
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"--set expects key=value, got '{item}'")
-        key, value = item.split("=", 1)
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
-
-
-def load_spec(name: str, overrides: dict):
-    """A preset name, a spec JSON file, or `dataset.json:split:index`."""
+def load_spec(name: str, overrides: list[str]):
+    """The one architecture `name` stands for (`ghn.zoo.parse_arch` syntax), with
+    `--set field=value` overrides."""
     from ghn import zoo
 
-    if name.endswith(".json") or ".json:" in name:
-        path, *where = name.split(":")
-        data = json.loads(Path(path).read_text())
-        if "family" in data:
-            spec = zoo.spec_from_json(data)
-        else:
-            split = where[0] if where else "train"
-            index = int(where[1]) if len(where) > 1 else 0
-            spec = zoo.spec_from_json(data[split][index])
-        if overrides:
-            import dataclasses
-
-            spec = dataclasses.replace(spec, **overrides)
-        return spec
-    return zoo.get(name, **overrides)
+    specs = zoo.parse_arch(name)
+    if len(specs) != 1:
+        raise ValueError(
+            f"{name!r} names {len(specs)} architectures; pick one with FILE.json:split:index"
+        )
+    return specs[0].replace(**zoo.parse_overrides(overrides)) if overrides else specs[0]
 
 
 def cmd_trace(args) -> None:
@@ -54,7 +33,7 @@ def cmd_trace(args) -> None:
 
     import ghn
 
-    spec = load_spec(args.arch, _parse_overrides(args.set))
+    spec = load_spec(args.arch, args.set)
     model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
     start = time.perf_counter()
     graph = ghn.trace(model, spec.input_spec(batch_size=1), name=spec.name)
@@ -77,8 +56,9 @@ def cmd_predict(args) -> None:
 
     import ghn
     from ghn.hypernet.predict import prepare
+    from ghn.params import count_params
 
-    spec = load_spec(args.arch, _parse_overrides(args.set))
+    spec = load_spec(args.arch, args.set)
     start = time.perf_counter()
     if args.ghn:
         hyper = ghn.load(args.ghn)
@@ -89,8 +69,7 @@ def cmd_predict(args) -> None:
         hyper = ghn.GHN(config, rngs=nnx.Rngs(args.seed))
         what = f"{args.config}, untrained, seed {args.seed}"
     print(
-        f"GHN ({what}, {ghn.hypernet.param_count(hyper):,} params) "
-        f"ready in {time.perf_counter() - start:.1f}s"
+        f"GHN ({what}, {count_params(hyper):,} params) ready in {time.perf_counter() - start:.1f}s"
     )
     model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
     x = spec.input_spec(batch_size=1)
@@ -135,14 +114,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ghn", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("trace", help="trace an architecture's graph, print and draw it")
-    p.add_argument("arch", help="preset name, spec JSON file, or dataset.json:split:index")
+    p.add_argument(
+        "arch", help="preset[:field=value;...], spec JSON file, or dataset.json:split:index"
+    )
     p.add_argument("--set", action="append", default=[], help="spec override key=value")
     p.add_argument("--draw", help="write the graph to this .png/.svg")
     p.add_argument("--save", help="write the graph arrays to this .npz")
     p.add_argument("--summary", action="store_true", help="print every node")
     p.set_defaults(fn=cmd_trace)
     p = sub.add_parser("predict", help="predict all parameters of an architecture, with timings")
-    p.add_argument("arch", help="preset name, spec JSON file, or dataset.json:split:index")
+    p.add_argument(
+        "arch", help="preset[:field=value;...], spec JSON file, or dataset.json:split:index"
+    )
     p.add_argument("--set", action="append", default=[], help="spec override key=value")
     p.add_argument("--config", default="tiny", help="GHN size: tiny, small, base, large")
     p.add_argument("--seed", type=int, default=0)

@@ -7,7 +7,8 @@
 
 Every initialization of a target is fine-tuned with the same recipe, the same
 data order and the same seeds, so curves differ only by where they start.
-Evaluation points are 0, N/20, 2N/20, ..., N (N/10 and N among them). The
+Evaluation points are 0, N/20, 2N/20, ..., N (N/10 and N among them;
+`Recipe.num_points` sets the 20). The
 speed-up is how many steps random init needs to reach the evaluation loss the
 predicted init has at N/10, divided by N/10 ("not reached" when it never does
 within N steps).
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
-import types
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,11 +32,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ghn import data as ghn_data
-from ghn.train.tasks import Task, eval_batches, task_fields, train_iterator
+from ghn import zoo
+from ghn.errors import ConfigError, GHNError
+from ghn.hub import train_config_of
+from ghn.hypernet.predict import prepare
+from ghn.params import count_params
+from ghn.tasks import Task, eval_batches, load_datasets, task_fields, task_of, train_iterator
 from ghn.zoo import ArchSpec
-
-NUM_POINTS = 20  # evaluation points after step 0
+from ghn.zoo.pools import Pools, pools_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +55,13 @@ class Recipe:
     seed: int = 0
     eval_batch_size: int = 250
     eval_batches: int = 4  # 0: the whole validation split
+    num_points: int = 20  # evaluations after step 0: at N/num_points, 2N/num_points, ..., N
+
+    def __post_init__(self):
+        if self.steps < 0 or self.num_points < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"Recipe needs steps >= 0, num_points >= 1 and batch_size >= 1, got {self}"
+            )
 
 
 @dataclasses.dataclass
@@ -62,41 +74,55 @@ class Setup:
 
     @classmethod
     def from_name(
-        cls, name: str, *, seq_len: int = 0, tokenizer: str = "byte", **kwargs: Any
+        cls,
+        name: str,
+        *,
+        seq_len: int = 0,
+        train_split: str = "train",
+        eval_split: str = "validation",
+        **kwargs: Any,
     ) -> Setup:
-        kw = dict(kwargs)
-        if name in ("pydoc_text", "wikitext2", "wikitext103"):
-            kw["tokenizer"] = tokenizer
-        train = ghn_data.get_dataset(name, "train", **kw)
-        validation = ghn_data.get_dataset(name, "validation", **kw)
-        if train.kind == "text" and seq_len <= 0:
-            raise ValueError(f"text dataset {name!r} needs seq_len > 0")
-        return cls(Task(train.kind, seq_len if train.kind == "text" else 0), train, validation)
+        """A registered dataset (`ghn.data.list_datasets()`); `kwargs` as in
+        `ghn.tasks.dataset_kwargs` (tokenizer, data_dir, ...)."""
+        task, train, validation = load_datasets(
+            name, train_split=train_split, eval_split=eval_split, seq_len=seq_len, **kwargs
+        )
+        return cls(task, train, validation)
+
+    @classmethod
+    def from_datasets(cls, train, validation, *, seq_len: int = 0) -> Setup:
+        """Your own data: two `ghn.data` datasets (e.g. `ghn.data.ImageDataset(...)` or
+        `ghn.data.split_images(...)`); text needs `seq_len`."""
+        if train.kind != validation.kind:
+            raise ValueError(f"train is {train.kind} data but validation is {validation.kind}")
+        return cls(task_of(train, seq_len), train, validation)
 
     @classmethod
     def from_ghn_info(cls, info: dict[str, Any], **kwargs: Any) -> Setup:
         """The dataset a GHN was trained on, from `ghn.hub.info` / `load(with_info=True)`."""
-        from ghn.hub import train_config_of
-
         train_config = train_config_of(info)
         if not train_config:
-            raise ValueError("this GHN records no training config; name the dataset instead")
+            raise ConfigError(
+                "this GHN records no training config; name the dataset instead (eval.py: --data)"
+            )
         d = train_config["data"]
         extra = {k: d[k] for k in ("data_dir", "tokenizer_dir") if d.get(k)}
         return cls.from_name(
             d["name"],
             seq_len=d.get("seq_len", 0),
             tokenizer=d.get("tokenizer", "byte"),
-            **extra,
-            **kwargs,
+            **{**extra, **kwargs},
         )
 
     def fit(self, spec: ArchSpec) -> ArchSpec:
-        """`spec` with the fields the data fixes (classes, image size, vocabulary) set."""
+        """`spec` with the fields the data fixes set: classes, image size and channels,
+        vocabulary, and a text model's context length (= the sequence length, as in
+        meta-training, so no position embedding goes unused)."""
         fields = task_fields(self.task, self.train)
         changes = {k: v for k, v in fields.items() if k in spec.field_names()}
-        if self.task.kind == "text" and getattr(spec, "context_length", 0) < self.task.seq_len:
+        if self.task.kind == "text" and "context_length" in spec.field_names():
             changes["context_length"] = self.task.seq_len
+        changes = {k: v for k, v in changes.items() if getattr(spec, k) != v}
         return spec.replace(**changes) if changes else spec
 
     def input_spec(self, spec: ArchSpec) -> jax.ShapeDtypeStruct:
@@ -104,28 +130,47 @@ class Setup:
 
     def train_iterator(self, recipe: Recipe):
         """The same batches, in the same order, for every init fine-tuned with `recipe`."""
-        data = types.SimpleNamespace(batch_size=recipe.batch_size)
-        return train_iterator(data, self.task, self.train, recipe.seed, 0, 1)
+        return train_iterator(self.train, self.task, batch_size=recipe.batch_size, seed=recipe.seed)
 
     def eval_batches(self, recipe: Recipe) -> list[dict[str, np.ndarray]]:
         """The validation batches every evaluation point uses (the last one padded)."""
-        spec = types.SimpleNamespace(
-            batch_size=recipe.eval_batch_size, max_batches=recipe.eval_batches
+        return eval_batches(
+            self.validation,
+            self.task,
+            batch_size=recipe.eval_batch_size,
+            max_batches=recipe.eval_batches,
         )
-        return eval_batches(spec, self.task, self.validation, 0, 1)
 
 
-def training_pools(info: dict[str, Any]):
+def training_pools(info: dict[str, Any]) -> Pools:
     """The training, held-out and larger architectures of a GHN's own training run."""
-    import ml_collections
-
-    from ghn.hub import train_config_of
-    from ghn.train.archs import make_pools
-
     tc = train_config_of(info)
     if not tc:
-        raise ValueError("this GHN records no training config")
-    return make_pools(ml_collections.ConfigDict(tc["archs"]), ml_collections.ConfigDict(tc["eval"]))
+        raise ConfigError(
+            "this GHN records no training config, so it has no held-out or larger "
+            "architectures; name the architectures instead (e.g. --archs vit-ti:depth=4)"
+        )
+    return pools_of(tc)
+
+
+def resolve_archs(text: str, info: dict[str, Any], setup: Setup) -> list[ArchSpec]:
+    """The targets `text` names (`ghn.zoo.parse_archs` syntax, plus `heldout` and
+    `larger`: those of the GHN's own training run), fitted to the data."""
+    pools: list[Pools] = []
+
+    def group(name: str):
+        def specs():
+            if not pools:
+                try:
+                    pools.append(training_pools(info))
+                except ConfigError as e:
+                    raise ConfigError(f"{name!r}: {e}") from e
+            return getattr(pools[0], name)
+
+        return specs
+
+    specs = zoo.parse_archs(text, {"heldout": group("heldout"), "larger": group("larger")})
+    return [setup.fit(s) for s in specs]
 
 
 @dataclasses.dataclass
@@ -144,10 +189,10 @@ class Curve:
         return {"loss": self.eval_loss[i], "metric": self.eval_metric[i]}
 
 
-def eval_points(steps: int) -> list[int]:
-    """0, N/20, ..., N: always holding 0, N/10 and N."""
+def eval_points(steps: int, num_points: int = 20) -> list[int]:
+    """0, N/num_points, ..., N: always holding 0, N/10 and N."""
     pts = {0, steps, tenth(steps)}
-    pts.update(round(steps * i / NUM_POINTS) for i in range(NUM_POINTS + 1))
+    pts.update(round(steps * i / num_points) for i in range(num_points + 1))
     return sorted(pts)
 
 
@@ -180,8 +225,6 @@ def finetune(
     are the layer's defaults, so CNN step-0 metrics are read in training mode
     (batch statistics), as during meta-training.
     """
-    import time
-
     task = setup.task
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     has_bn = bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
@@ -223,7 +266,7 @@ def finetune(
         summary = task.summarize(loss, tot["metric_sum"] / tot["count"])
         return loss, summary[task.metric]
 
-    points = eval_points(recipe.steps)
+    points = eval_points(recipe.steps, recipe.num_points)
     curve = Curve(init, [], [], [], [])
     it = setup.train_iterator(recipe)
     bar = None
@@ -348,11 +391,90 @@ def compare(
             model, setup, recipe, init=name, progress=progress, eval_data=eval_data
         )
     model = spec.build(rngs=nnx.Rngs(recipe.seed))
-    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    num_params = count_params(model)
     curves["random"] = finetune(
         model, setup, recipe, init="random", progress=progress, eval_data=eval_data
     )
     return Result(spec, num_params, setup.task.metric, curves, predicted_copy)
+
+
+def check_fits(hyper, spec: ArchSpec, setup: Setup, label: str = "the") -> None:
+    """`ConfigError` naming the parameter when `spec` (fitted to `setup`) does not fit `hyper`.
+
+    `prepare` holds the one check; calling it here costs a trace, which the
+    prediction that follows reuses from its cache.
+    """
+    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    try:
+        prepare(model, (setup.input_spec(spec),), hyper.config)
+    except GHNError as e:  # too wide for the decoder, or untraceable
+        raise ConfigError(f"{spec.name} does not fit {label} GHN: {e}") from e
+
+
+def run(
+    hyper,
+    specs: Sequence[ArchSpec],
+    setup: Setup,
+    recipe: Recipe,
+    workdir: str | os.PathLike,
+    *,
+    ghn_name: str = "",
+    ghn_source: str | None = None,
+    baseline_ghns: dict[str, Any] | None = None,
+    noise_mixes: Sequence[float] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`compare` for every spec, writing what eval.py promises to `workdir`.
+
+    results.json / results.md (rewritten after every target, so an interrupted
+    run keeps what it finished), curves/<arch>.png, curves.json, and
+    predicted/<arch>/ (Orbax) with predicted/<arch>.json (the spec).
+    """
+    workdir = Path(workdir)
+    (workdir / "curves").mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    curves: dict[str, Any] = {}
+    record: dict[str, Any] = {}
+    start = time.perf_counter()
+    metric = setup.task.metric
+    for i, spec in enumerate(specs):
+        print(f"[{i + 1}/{len(specs)}] {spec.name}", flush=True)
+        result = compare(
+            hyper,
+            spec,
+            setup,
+            recipe,
+            baseline_ghns=baseline_ghns,
+            noise_mixes=noise_mixes,
+            progress=progress,
+        )
+        rows += result.rows()
+        curves[spec.name] = {k: vars(c) for k, c in result.curves.items()}
+        plot(result, workdir / "curves" / f"{spec.name}.png")
+        out = save_params(result.predicted_params, workdir / "predicted" / spec.name)
+        (out.parent / f"{spec.name}.json").write_text(json.dumps(spec.to_json(), indent=2) + "\n")
+        for r in result.rows():
+            print("   ", format_row(r, metric), flush=True)
+        record = {
+            "ghn": ghn_name,
+            "ghn_source": ghn_source,
+            "data": setup.train.name,
+            "metric": metric,
+            "recipe": dataclasses.asdict(recipe),
+            "seconds": round(time.perf_counter() - start, 1),
+            "rows": rows,
+        }
+        (workdir / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+        (workdir / "curves.json").write_text(json.dumps(curves) + "\n")
+        table = markdown_table(rows, metric)
+        (workdir / "results.md").write_text(
+            f"GHN `{ghn_name}` on {setup.train.name}, N = {recipe.steps} fine-tuning steps "
+            f"(lr {recipe.lr}, batch {recipe.batch_size}, seed {recipe.seed}).\n\n" + table
+        )
+    if rows:
+        print(markdown_table(rows, metric))
+    print(f"wrote {workdir}/results.json, results.md, curves/, predicted/")
+    return record
 
 
 def mix_with_random(predicted, random, a: float):

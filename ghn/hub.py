@@ -22,13 +22,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from ghn.checkpoint import Checkpointer, CheckpointError
+from ghn.errors import GHNError
 from ghn.hypernet import GHN, GHNConfig
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 FORMAT = 1
 
 
-class GHNNotFoundError(FileNotFoundError):
+class GHNNotFoundError(GHNError, FileNotFoundError):
     """Neither a shipped GHN's name nor a directory holding a GHN."""
 
 
@@ -124,8 +126,6 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
 
 
 def _from_workdir(workdir: Path, use_ema: bool) -> tuple[GHN, dict[str, Any]]:
-    from ghn.train.checkpoint import Checkpointer, CheckpointError
-
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=1, async_save=False)
     try:
         step = ckpt.latest_step()

@@ -34,8 +34,8 @@ class MLPMixer(nnx.Module):
         self.norm = nnx.LayerNorm(channels, rngs=rngs)
         self.head = nnx.Linear(channels, classes, rngs=rngs)
 
-    def __call__(self, x_BxHxWxC):
-        x = self.stem(x_BxHxWxC)
+    def __call__(self, x_BxYxXxC):
+        x = self.stem(x_BxYxXxC)
         x_BxPxC = x.reshape(x.shape[0], -1, x.shape[-1])
         for block in self.blocks:
             x_BxPxC = block(x_BxPxC)
@@ -124,10 +124,10 @@ class SqueezeExcite(nnx.Module):
         self.reduce = nnx.Conv(ch, ch // 4, (1, 1), rngs=rngs)
         self.expand = nnx.Conv(ch // 4, ch, (1, 1), rngs=rngs)
 
-    def __call__(self, x_BxHxWxC):
-        s = x_BxHxWxC.mean(axis=(1, 2), keepdims=True)
+    def __call__(self, x_BxYxXxC):
+        s = x_BxYxXxC.mean(axis=(1, 2), keepdims=True)
         s = jax.nn.sigmoid(self.expand(jax.nn.relu(self.reduce(s))))
-        return x_BxHxWxC * s
+        return x_BxYxXxC * s
 
 
 class SmallCNN(nnx.Module):

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ghn.data.iterator import Batch, DataIterator, stream_rng
+from ghn.errors import ConfigError, GHNError
 
 DATA_DIR_ENV = "GHN_DATA_DIR"
 DEFAULT_DATA_DIR = "~/.cache/ghn/datasets"
@@ -17,7 +18,7 @@ DEFAULT_DATA_DIR = "~/.cache/ghn/datasets"
 _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(GHNError, FileNotFoundError):
     """A dataset's files are missing; the message says where we looked and how to get them."""
 
 
@@ -45,19 +46,19 @@ def find_dir(candidates: Sequence[Path], required: Sequence[str], what: str, how
 
 def check_split(name: str, split: str, splits: Sequence[str]) -> None:
     if split not in splits:
-        raise ValueError(f"dataset {name!r} has splits {list(splits)}, not {split!r}")
+        raise ConfigError(f"dataset {name!r} has splits {list(splits)}, not {split!r}")
 
 
 def random_crop_flip(
-    x_BxHxWxC: np.ndarray, dy_B: np.ndarray, dx_B: np.ndarray, flip_B: np.ndarray, pad: int
+    x_BxYxXxC: np.ndarray, dy_B: np.ndarray, dx_B: np.ndarray, flip_B: np.ndarray, pad: int
 ) -> np.ndarray:
-    """Zero-pad by `pad`, crop back to HxW at offsets (dy, dx), mirror left-right where `flip`."""
-    B, H, W, _ = x_BxHxWxC.shape
-    xp = np.pad(x_BxHxWxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    rows_BxH = dy_B[:, None] + np.arange(H)
-    cols_BxW = dx_B[:, None] + np.arange(W)
-    cols_BxW = np.where(flip_B[:, None], cols_BxW[:, ::-1], cols_BxW)
-    return xp[np.arange(B)[:, None, None], rows_BxH[:, :, None], cols_BxW[:, None, :]]
+    """Zero-pad by `pad`, crop back to YxX at offsets (dy, dx), mirror left-right where `flip`."""
+    B, Y, X, _ = x_BxYxXxC.shape
+    xp = np.pad(x_BxYxXxC, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows_BxY = dy_B[:, None] + np.arange(Y)
+    cols_BxX = dx_B[:, None] + np.arange(X)
+    cols_BxX = np.where(flip_B[:, None], cols_BxX[:, ::-1], cols_BxX)
+    return xp[np.arange(B)[:, None, None], rows_BxY[:, :, None], cols_BxX[:, None, :]]
 
 
 class Dataset:
@@ -138,9 +139,9 @@ class ImageDataset(Dataset):
         """uint8 pixels (n, H, W, C) of examples `ids`."""
         return self._read(np.asarray(ids))
 
-    def normalize(self, x_BxHxWxC: np.ndarray) -> np.ndarray:
+    def normalize(self, x_BxYxXxC: np.ndarray) -> np.ndarray:
         scale = (1.0 / (255.0 * self.std)).astype(np.float32)
-        return x_BxHxWxC.astype(np.float32) * scale - (self.mean / self.std).astype(np.float32)
+        return x_BxYxXxC.astype(np.float32) * scale - (self.mean / self.std).astype(np.float32)
 
     def iterator(
         self,
@@ -260,7 +261,7 @@ class TextDataset(Dataset):
                 f"{self.name}/{self.split} has {len(self)} tokens, too few for "
                 f"one window of seq_len + 1 = {seq_len + 1}"
             )
-        offsets_W = np.arange(seq_len + 1)
+        offsets_L1 = np.arange(seq_len + 1)
 
         def order(epoch: int) -> np.ndarray:
             starts = np.arange(nw) * seq_len
@@ -270,7 +271,7 @@ class TextDataset(Dataset):
             return int(rng.integers(seq_len)) + starts[rng.permutation(nw)]
 
         def fetch(starts: np.ndarray, lo: int, B: int, step: int) -> Batch:
-            return {"tokens": self.tokens[starts[:, None] + offsets_W].astype(np.int32)}
+            return {"tokens": self.tokens[starts[:, None] + offsets_L1].astype(np.int32)}
 
         return DataIterator(
             order_fn=order,

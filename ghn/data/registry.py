@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from ghn.data import images, text
 from ghn.data.dataset import Dataset
+from ghn.errors import ConfigError
 
 _REGISTRY: dict[str, tuple[Callable[..., Dataset], tuple[str, ...]]] = {}
 
@@ -28,7 +29,10 @@ def dataset_splits(name: str) -> tuple[str, ...]:
 
 def _lookup(name: str):
     if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}")
+        raise ConfigError(
+            f"unknown dataset {name!r}; known: {', '.join(list_datasets())} (or register one "
+            "with ghn.data.register_dataset)"
+        )
     return _REGISTRY[name]
 
 
@@ -36,7 +40,7 @@ def get_dataset(name: str, split: str = "train", **kwargs) -> Dataset:
     """One split of a named dataset; kwargs go to its loader (data_dir, tokenizer, ...)."""
     builder, splits = _lookup(name)
     if split not in splits:
-        raise ValueError(f"dataset {name!r} has splits {list(splits)}, not {split!r}")
+        raise ConfigError(f"dataset {name!r} has splits {list(splits)}, not {split!r}")
     return builder(split, **kwargs)
 
 

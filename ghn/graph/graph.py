@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 from scipy.sparse import csgraph, csr_matrix
 
+from ghn.graph.draw import draw_graph
 from ghn.graph.ops import NORM_OPS, OP_INDEX, OPS, OPS_VERSION
+from ghn.params import count_params
 
 UNREACHABLE = -1
 DEFAULT_SPD_CUTOFF = 50
@@ -129,7 +131,7 @@ class Graph:
 
     @property
     def num_params(self) -> int:
-        return sum(p.size for p in self.params.values())
+        return count_params(list(self.params.values()))
 
     @property
     def op_ids(self) -> np.ndarray:
@@ -265,8 +267,6 @@ class Graph:
             return cls.from_arrays(dict(f))
 
     def draw(self, path: str | Path, **kwargs) -> Path:
-        from ghn.graph.draw import draw_graph
-
         return draw_graph(self, path, **kwargs)
 
 

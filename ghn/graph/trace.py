@@ -31,12 +31,14 @@ import jax.extend.core as jex_core
 import numpy as np
 from flax import nnx
 
+from ghn._compat import patched_calls
+from ghn.errors import GHNError
 from ghn.graph.graph import DEFAULT_SPD_CUTOFF, Graph, ParamInfo, norm_like
 
 SCOPE_PREFIX = "ghn@"
 
 
-class TraceError(ValueError):
+class TraceError(GHNError, ValueError):
     """The model could not be traced into a graph."""
 
 
@@ -171,9 +173,7 @@ def _module_scopes(model: nnx.Module, stack: list[str], classes_out: dict[str, s
     """
     modules = list(nnx.iter_modules(model))
     paths = {id(m): _path_str(p) for p, m in modules}
-    classes = {type(m) for _, m in modules}
     classes_out.update({paths[id(m)]: type(m).__name__ for _, m in modules})
-    originals = {cls: (cls.__dict__.get("__call__"), cls.__call__) for cls in classes}
     failed_in: list[str] = []
 
     def wrap(orig):
@@ -194,16 +194,8 @@ def _module_scopes(model: nnx.Module, stack: list[str], classes_out: dict[str, s
 
         return __call__
 
-    try:
-        for cls, (_, resolved) in originals.items():
-            cls.__call__ = wrap(resolved)
+    with patched_calls((type(m) for _, m in modules), wrap):
         yield failed_in
-    finally:
-        for cls, (own, _) in originals.items():
-            if own is None:
-                del cls.__call__
-            else:
-                cls.__call__ = own
 
 
 def _scope_module(name_stack: str) -> str:
@@ -603,7 +595,7 @@ def trace(
 
     nodes = tracer.nodes
     edges = [(s, t) for t, n in enumerate(nodes) for s in n.preds]
-    edges_E2 = np.asarray(sorted(edges), np.int32).reshape(-1, 2)
+    edges_Ex2 = np.asarray(sorted(edges), np.int32).reshape(-1, 2)
     return Graph(
         node_ops=[n.op for n in nodes],
         node_names=[n.name for n in nodes],
@@ -611,7 +603,7 @@ def trace(
         node_params=[list(n.params) for n in nodes],
         node_shared=[list(n.shared) for n in nodes],
         node_shapes=np.asarray([n.shape for n in nodes], np.int64).reshape(-1, 4),
-        edges=edges_E2,
+        edges=edges_Ex2,
         params={p: tracer.info[p] for p in paths},
         inputs=input_nodes,
         outputs=list(dict.fromkeys(o.node for o in outs if isinstance(o, _Act))),

@@ -1,8 +1,8 @@
 """The graph hypernetwork: graph batching, encoder, decoders and the GHN module."""
 
 from ghn.hypernet.batch import GraphBatch, make_batch
-from ghn.hypernet.config import GHNConfig, num_params
-from ghn.hypernet.model import GHN, param_count
+from ghn.hypernet.config import GHNConfig
+from ghn.hypernet.model import GHN, num_params
 from ghn.hypernet.normalize import RULES, residual_projections, target_stds
 from ghn.hypernet.predict import Plan, make_plan, predict_leaves, prepare, with_params
 
@@ -15,7 +15,6 @@ __all__ = [
     "make_batch",
     "make_plan",
     "num_params",
-    "param_count",
     "predict_leaves",
     "prepare",
     "residual_projections",

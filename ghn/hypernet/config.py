@@ -6,6 +6,8 @@ import dataclasses
 import json
 from typing import Any
 
+from ghn.errors import ConfigError
+
 DECODERS = ("lowrank", "tiled")
 PAST_MAX_DIM = ("error", "wrap")
 
@@ -14,7 +16,7 @@ PAST_MAX_DIM = ("error", "wrap")
 # follows GHN-3 (3 -> 5 -> 8 -> 12 layers), head width stays 16, and the rank
 # follows the reference code's r = d / 2. The decoder's last layer
 # (8d x 2r^2 = 4 d^3 weights) and W2 (r x K) dominate the count: 3.0M, 13.3M,
-# 38.1M and 85.5M parameters at K = 50304 (see `num_params`).
+# 38.1M and 85.5M parameters at K = 50304 (see `ghn.hypernet.num_params`).
 NAMED: dict[str, dict[str, int]] = {
     "tiny": dict(d_model=64, num_layers=3, num_heads=8, rank=32),
     "small": dict(d_model=128, num_layers=5, num_heads=8, rank=64),
@@ -67,27 +69,27 @@ class GHNConfig:
 
     def __post_init__(self):
         if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
+            raise ConfigError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.past_max_dim not in PAST_MAX_DIM:
-            raise ValueError(
+            raise ConfigError(
                 f"past_max_dim must be one of {PAST_MAX_DIM}, got {self.past_max_dim!r}"
             )
         if self.d_model % 4 or self.d_model % self.num_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"d_model={self.d_model} must be divisible by 4 (shape encoding) and by "
                 f"num_heads={self.num_heads}"
             )
         for name in ("d_model", "num_layers", "num_heads", "mlp_ratio", "rank", "max_dim", "tile"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_spd < 1 or self.max_degree < 1:
-            raise ValueError("max_spd and max_degree must be >= 1")
+            raise ConfigError("max_spd and max_degree must be >= 1")
 
     @classmethod
     def named(cls, name: str, **overrides: Any) -> GHNConfig:
         """A named size ("tiny", "small", "base", "large"), optionally overridden."""
         if name not in NAMED:
-            raise ValueError(f"unknown GHN size {name!r}; choose from {sorted(NAMED)}")
+            raise ConfigError(f"unknown GHN size {name!r}; choose from {sorted(NAMED)}")
         return cls(**{**NAMED[name], **overrides})
 
     def replace(self, **changes: Any) -> GHNConfig:
@@ -106,15 +108,6 @@ class GHNConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown GHNConfig keys {unknown}; known keys are {sorted(known)}")
+            raise ConfigError(f"unknown GHNConfig keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
 
-
-def num_params(config: GHNConfig) -> int:
-    """Number of parameters of `GHN(config)`, computed without allocating them."""
-    from flax import nnx
-
-    # Imported here: the model module imports this one.
-    from ghn.hypernet.model import GHN, param_count
-
-    return param_count(nnx.eval_shape(lambda: GHN(config, rngs=nnx.Rngs(0))))

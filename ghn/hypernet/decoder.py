@@ -1,6 +1,6 @@
 """Parameter decoders: LoGAH's low-rank decoder and the GHN-3 tiled baseline.
 
-Both map node embeddings `e_Gxd` to matrices of a static size (rows, cols),
+Both map node embeddings `e_GxD` to matrices of a static size (rows, cols),
 where rows = c_out * k_h and cols = c_in * k_w of the parameter's canonical
 layout. A 1-D parameter (bias, norm scale) of size C is decoded with
 rows=2, cols=C and the caller picks row 0 or 1.
@@ -15,7 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ghn.errors import ConfigError
 from ghn.hypernet.config import GHNConfig
+
+
+def check_width(n: int, max_dim: int, past_max_dim: str, what: str) -> None:
+    """The error for a dimension wider than the low-rank decoder's K (when not wrapping)."""
+    if n > max_dim and past_max_dim == "error":
+        raise ConfigError(
+            f"{what} is wider than this GHN's max_dim K={max_dim}. Use a GHN with a larger "
+            f"max_dim (GHNConfig(max_dim={n}) or more), or past_max_dim='wrap' to reuse "
+            "decoder columns modulo K (tiling)."
+        )
 
 
 class _MLP(nnx.Module):
@@ -66,17 +77,12 @@ class LowRankDecoder(nnx.Module):
     def _check(self, n: int, what: str) -> None:
         if not isinstance(n, int | np.integer) or n < 1:
             raise ValueError(f"{what} must be a positive static int, got {n!r}")
-        if n > self.max_dim and self.past_max_dim == "error":
-            raise ValueError(
-                f"a parameter needs {what}={n}, more than the decoder's max_dim K={self.max_dim}. "
-                f"Build the GHN with a larger max_dim (GHNConfig(max_dim={n}) or more), or set "
-                "past_max_dim='wrap' to reuse decoder columns modulo K (tiling)."
-            )
+        check_width(n, self.max_dim, self.past_max_dim, f"{what}={n}")
 
-    def hidden(self, e_Gxd: jax.Array) -> jax.Array:
+    def hidden(self, e_GxD: jax.Array) -> jax.Array:
         """M = MLP(e) as (G, 2r, r), before the ReLU."""
         r = self.rank
-        return self.mlp(e_Gxd).reshape(e_Gxd.shape[0], 2 * r, r)
+        return self.mlp(e_GxD).reshape(e_GxD.shape[0], 2 * r, r)
 
     def _columns(self, n: int) -> tuple[jax.Array, jax.Array]:
         w2_rxK, b2_K = self.w2[...], self.b2[...]
@@ -97,10 +103,10 @@ class LowRankDecoder(nnx.Module):
         z_Gxsxn = jnp.einsum("gsr,rn->gsn", h_Gx2rxr[:, start:stop], w2_rxn)
         return z_Gxsxn + b2_n[None, None, :]
 
-    def z_rows(self, e_Gxd: jax.Array, start: int, stop: int, num_cols: int) -> jax.Array:
+    def z_rows(self, e_GxD: jax.Array, start: int, stop: int, num_cols: int) -> jax.Array:
         """Z[:, start:stop, :num_cols], computing nothing else (exposed for tests)."""
         self._check(num_cols, "num_cols")
-        return self._z(self.hidden(e_Gxd), start, stop, num_cols)
+        return self._z(self.hidden(e_GxD), start, stop, num_cols)
 
     def _view_rows(self, m_Gx2rxr: jax.Array, start: int, n: int) -> jax.Array:
         """First n rows of Z[:, start:start+r].reshape(G, K, r), row-major (paper parity)."""
@@ -114,24 +120,24 @@ class LowRankDecoder(nnx.Module):
             v_Gxnxr = jnp.take(v_Gxnxr, np.arange(n) % k, axis=1)
         return v_Gxnxr
 
-    def factors(self, e_Gxd: jax.Array, rows: int, cols: int) -> tuple[jax.Array, jax.Array]:
+    def factors(self, e_GxD: jax.Array, rows: int, cols: int) -> tuple[jax.Array, jax.Array]:
         """(A_GxRxr, B_Gxrxc) with W = A @ B of shape (G, rows, cols)."""
         self._check(rows, "rows")
         self._check(cols, "cols")
         r = self.rank
-        m_Gx2rxr = self.hidden(e_Gxd)
+        m_Gx2rxr = self.hidden(e_GxD)
         if self.paper_parity:
-            a_GxRxr = self._view_rows(m_Gx2rxr, 0, rows)
-            b_Gxrxc = self._view_rows(m_Gx2rxr, r, cols).transpose(0, 2, 1)
+            a_GxOxr = self._view_rows(m_Gx2rxr, 0, rows)
+            b_GxrxI = self._view_rows(m_Gx2rxr, r, cols).transpose(0, 2, 1)
         else:
-            a_GxRxr = self._z(m_Gx2rxr, 0, r, rows).transpose(0, 2, 1)
-            b_Gxrxc = self._z(m_Gx2rxr, r, 2 * r, cols)
-        return a_GxRxr, b_Gxrxc
+            a_GxOxr = self._z(m_Gx2rxr, 0, r, rows).transpose(0, 2, 1)
+            b_GxrxI = self._z(m_Gx2rxr, r, 2 * r, cols)
+        return a_GxOxr, b_GxrxI
 
-    def full(self, e_Gxd: jax.Array, rows: int, cols: int) -> jax.Array:
+    def full(self, e_GxD: jax.Array, rows: int, cols: int) -> jax.Array:
         """W_GxRxC = A @ B."""
-        a_GxRxr, b_Gxrxc = self.factors(e_Gxd, rows, cols)
-        return jnp.einsum("gir,grj->gij", a_GxRxr, b_Gxrxc)
+        a_GxOxr, b_GxrxI = self.factors(e_GxD, rows, cols)
+        return jnp.einsum("gir,grj->gij", a_GxOxr, b_GxrxI)
 
 
 class TiledDecoder(nnx.Module):
@@ -148,18 +154,18 @@ class TiledDecoder(nnx.Module):
         self.tile = config.tile
         self.mlp = _MLP(config.d_model, config.tile * config.tile, rngs=rngs)
 
-    def chunk(self, e_Gxd: jax.Array) -> jax.Array:
+    def chunk(self, e_GxD: jax.Array) -> jax.Array:
         t = self.tile
-        return self.mlp(e_Gxd).reshape(e_Gxd.shape[0], t, t)
+        return self.mlp(e_GxD).reshape(e_GxD.shape[0], t, t)
 
-    def factors(self, e_Gxd, rows, cols):
+    def factors(self, e_GxD, rows, cols):
         raise NotImplementedError("the tiled decoder is not low rank; use .full(e, rows, cols)")
 
-    def full(self, e_Gxd: jax.Array, rows: int, cols: int) -> jax.Array:
+    def full(self, e_GxD: jax.Array, rows: int, cols: int) -> jax.Array:
         """W_GxRxC: the node's chunk tiled over (rows, cols) and cropped."""
         t = self.tile
         reps = (1, -(-rows // t), -(-cols // t))
-        return jnp.tile(self.chunk(e_Gxd), reps)[:, :rows, :cols]
+        return jnp.tile(self.chunk(e_GxD), reps)[:, :rows, :cols]
 
 
 Decoder = LowRankDecoder | TiledDecoder

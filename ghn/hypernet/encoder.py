@@ -60,17 +60,17 @@ class EncoderLayer(nnx.Module):
     def attention(self, x_BxNxD, bias_BxHxNxN, mask_BxN):
         b, n, d = x_BxNxD.shape
         h = self.num_heads
-        qkv_BxNx3xHxK = self.qkv(x_BxNxD).reshape(b, n, 3, h, d // h)
-        q_BxNxHxK, k_BxNxHxK, v_BxNxHxK = (qkv_BxNx3xHxK[:, :, i] for i in range(3))
-        logits_BxHxNxN = jnp.einsum("bqhk,bmhk->bhqm", q_BxNxHxK, k_BxNxHxK) * (d // h) ** -0.5
+        qkv_BxNx3xHxA = self.qkv(x_BxNxD).reshape(b, n, 3, h, d // h)
+        q_BxNxHxA, k_BxNxHxA, v_BxNxHxA = (qkv_BxNx3xHxA[:, :, i] for i in range(3))
+        logits_BxHxNxN = jnp.einsum("bqhk,bmhk->bhqm", q_BxNxHxA, k_BxNxHxA) * (d // h) ** -0.5
         logits_BxHxNxN = logits_BxHxNxN + bias_BxHxNxN
         # Padded nodes are never attended to. finfo.min (not -inf) keeps a row
         # with no valid key finite: it becomes uniform instead of NaN.
         neg = jnp.finfo(logits_BxHxNxN.dtype).min
         logits_BxHxNxN = jnp.where(mask_BxN[:, None, None, :], logits_BxHxNxN, neg)
         probs_BxHxNxN = jax.nn.softmax(logits_BxHxNxN, axis=-1)
-        out_BxNxHxK = jnp.einsum("bhqm,bmhk->bqhk", probs_BxHxNxN, v_BxNxHxK)
-        return self.out(out_BxNxHxK.reshape(b, n, d))
+        out_BxNxHxA = jnp.einsum("bhqm,bmhk->bqhk", probs_BxHxNxN, v_BxNxHxA)
+        return self.out(out_BxNxHxA.reshape(b, n, d))
 
     def __call__(self, x_BxNxD, bias_BxHxNxN, mask_BxN):
         x_BxNxD = x_BxNxD + self.attention(self.norm1(x_BxNxD), bias_BxHxNxN, mask_BxN)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax
 from flax import nnx
 
@@ -11,6 +9,8 @@ from ghn.hypernet.batch import GraphBatch
 from ghn.hypernet.config import GHNConfig
 from ghn.hypernet.decoder import make_decoder
 from ghn.hypernet.encoder import Encoder
+from ghn.hypernet.predict import predict
+from ghn.params import count_params
 
 
 class GHN(nnx.Module):
@@ -51,12 +51,10 @@ class GHN(nnx.Module):
           An `nnx.State` with exactly the tree, shapes and dtypes of
           `nnx.state(model, nnx.Param)`. Differentiable w.r.t. this GHN.
         """
-        from ghn.hypernet.predict import predict
-
         return predict(self, model, *example_inputs, sharding=sharding, fast_compile=fast_compile)
 
 
-def param_count(ghn: nnx.Module) -> int:
-    """Number of parameters (works on abstract modules from `nnx.eval_shape` too)."""
-    leaves = jax.tree_util.tree_leaves(nnx.state(ghn, nnx.Param))
-    return sum(math.prod(x.shape) for x in leaves)
+
+def num_params(config: GHNConfig) -> int:
+    """Number of parameters of `GHN(config)`, computed without allocating them."""
+    return count_params(nnx.eval_shape(lambda: GHN(config, rngs=nnx.Rngs(0))))

@@ -23,7 +23,9 @@ from flax import nnx
 
 from ghn.graph import Graph, ParamInfo, trace
 from ghn.hypernet.batch import GraphBatch, make_batch
+from ghn.hypernet.decoder import check_width
 from ghn.hypernet.normalize import EPS, RULES, target_stds
+from ghn.sharding import largest_axis_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,34 +86,34 @@ def make_plan(graph: Graph) -> Plan:
 
 
 def _decode_group(ghn, nodes_NxD, group: Group, low_rank: bool) -> list[tuple[int, jax.Array]]:
-    e_Gxd = nodes_NxD[jnp.asarray(group.nodes)]
+    e_GxD = nodes_NxD[jnp.asarray(group.nodes)]
     if group.kind == "vector":
-        w_Gx2xC = ghn.decoder.full(e_Gxd, 2, group.cols)
-        raw_GxC = w_Gx2xC[jnp.arange(len(group.nodes)), jnp.asarray(group.vector_rows)]
-        amp = jnp.asarray(group.scales, raw_GxC.dtype)[:, None]
-        center = jnp.asarray(group.centers, raw_GxC.dtype)[:, None]
-        vals_GxC = center + amp * jnp.tanh(raw_GxC)
-        return [(leaf, vals_GxC[i]) for i, leaf in enumerate(group.leaves)]
+        w_Gx2xI = ghn.decoder.full(e_GxD, 2, group.cols)
+        raw_GxI = w_Gx2xI[jnp.arange(len(group.nodes)), jnp.asarray(group.vector_rows)]
+        amp = jnp.asarray(group.scales, raw_GxI.dtype)[:, None]
+        center = jnp.asarray(group.centers, raw_GxI.dtype)[:, None]
+        vals_GxI = center + amp * jnp.tanh(raw_GxI)
+        return [(leaf, vals_GxI[i]) for i, leaf in enumerate(group.leaves)]
 
     std_G = jnp.asarray(group.scales, jnp.float32)
     size = group.rows * group.cols
     if low_rank:
-        a_GxRxr, b_Gxrxc = ghn.decoder.factors(e_Gxd, group.rows, group.cols)
+        a_GxOxr, b_GxrxI = ghn.decoder.factors(e_GxD, group.rows, group.cols)
         # ||A B||_F^2 = sum((A^T A) * (B B^T)): the scale costs O(r^2 (R + C)),
         # never a pass over the full matrix.
-        ata = jnp.einsum("gRr,gRs->grs", a_GxRxr, a_GxRxr)
-        bbt = jnp.einsum("grC,gsC->grs", b_Gxrxc, b_Gxrxc)
+        ata = jnp.einsum("gRr,gRs->grs", a_GxOxr, a_GxOxr)
+        bbt = jnp.einsum("grC,gsC->grs", b_GxrxI, b_GxrxI)
         sq = jnp.sum(ata * bbt, axis=(1, 2))
-        a_GxRxr = a_GxRxr * (std_G * jax.lax.rsqrt(sq / size + EPS))[:, None, None]
+        a_GxOxr = a_GxOxr * (std_G * jax.lax.rsqrt(sq / size + EPS))[:, None, None]
         # Materialize the factors: an elementwise producer fused into a dot
         # turns XLA:CPU's GEMM call into a naive loop nest (~6x slower).
-        factors = [(a_GxRxr[i], b_Gxrxc[i]) for i in range(len(group.leaves))]
+        factors = [(a_GxOxr[i], b_GxrxI[i]) for i in range(len(group.leaves))]
         factors = jax.lax.optimization_barrier(factors)
         return list(zip(group.leaves, factors))
-    w_GxRxC = ghn.decoder.full(e_Gxd, group.rows, group.cols)
-    sq = jnp.sum(jnp.square(w_GxRxC), axis=(1, 2))
-    w_GxRxC = w_GxRxC * (std_G * jax.lax.rsqrt(sq / size + EPS))[:, None, None]
-    return [(leaf, w_GxRxC[i]) for i, leaf in enumerate(group.leaves)]
+    w_GxOxI = ghn.decoder.full(e_GxD, group.rows, group.cols)
+    sq = jnp.sum(jnp.square(w_GxOxI), axis=(1, 2))
+    w_GxOxI = w_GxOxI * (std_G * jax.lax.rsqrt(sq / size + EPS))[:, None, None]
+    return [(leaf, w_GxOxI[i]) for i, leaf in enumerate(group.leaves)]
 
 
 def _direct_einsum(info: ParamInfo) -> str | None:
@@ -134,8 +136,8 @@ def _to_layout(info: ParamInfo, value, dtype) -> jax.Array:
     """Decoded (rows, cols) matrix, factors or vector -> the parameter's own array."""
     c_out, c_in, kh, kw = info.canonical_shape
     if isinstance(value, tuple):
-        a_Rxr, b_rxC = value
-        r = a_Rxr.shape[-1]
+        a_Oxr, b_rxI = value
+        r = a_Oxr.shape[-1]
         out = _direct_einsum(info)
         if out is not None:
             # W[(o, h), (i, w)] written in the parameter's own axis order, so
@@ -143,11 +145,11 @@ def _to_layout(info: ParamInfo, value, dtype) -> jax.Array:
             lhs = "oh"[: 1 + (kh > 1)]
             rhs = "iw"[: 1 + (kw > 1)]
             out = "".join(c for c in out if c in lhs + rhs)
-            a = a_Rxr.reshape((c_out, kh, r) if kh > 1 else (c_out, r))
-            b = b_rxC.reshape((r, c_in, kw) if kw > 1 else (r, c_in))
+            a = a_Oxr.reshape((c_out, kh, r) if kh > 1 else (c_out, r))
+            b = b_rxI.reshape((r, c_in, kw) if kw > 1 else (r, c_in))
             w = jnp.einsum(f"{lhs}r,r{rhs}->{out}", a.astype(dtype), b.astype(dtype))
             return w.reshape(info.shape)
-        w = jnp.einsum("ohr,riw->oihw", a_Rxr.reshape(c_out, kh, r), b_rxC.reshape(r, c_in, kw))
+        w = jnp.einsum("ohr,riw->oihw", a_Oxr.reshape(c_out, kh, r), b_rxI.reshape(r, c_in, kw))
     elif value.ndim == 2:
         w = value.reshape(c_out, kh, c_in, kw).transpose(0, 2, 1, 3)
     else:
@@ -206,7 +208,11 @@ def _input_key(inputs) -> tuple:
 
 
 def prepare(model: nnx.Module, example_inputs: Sequence[Any], config) -> Prepared:
-    """Traces and plans `model` once; later calls with the same architecture hit a cache."""
+    """Traces and plans `model` once; later calls with the same architecture hit a cache.
+
+    Raises ValueError when the model does not fit a GHN of `config` (`check_fits`),
+    and the tracer's errors for unsupported operations or wrong inputs.
+    """
     graphdef, params = nnx.split(model, nnx.Param, ...)[:2]
     leaves, treedef = jax.tree_util.tree_flatten(params)
     key = (
@@ -219,7 +225,11 @@ def prepare(model: nnx.Module, example_inputs: Sequence[Any], config) -> Prepare
     if hit is not None:
         return hit
     graph = trace(model, *example_inputs)
-    prepared = Prepared(graph, make_batch([graph], config), make_plan(graph), treedef)
+    plan = make_plan(graph)
+    # The one check that an architecture fits this GHN: everything that predicts
+    # (predict, meta-training, evaluation) goes through here first.
+    check_fits(plan, config)
+    prepared = Prepared(graph, make_batch([graph], config), plan, treedef)
     if len(_PREPARED) >= _PREPARED_MAX:
         _PREPARED.pop(next(iter(_PREPARED)))
     _PREPARED[key] = prepared
@@ -228,18 +238,7 @@ def prepare(model: nnx.Module, example_inputs: Sequence[Any], config) -> Prepare
 
 def auto_sharding(plan: Plan, mesh: jax.sharding.Mesh, axis: str | None = None):
     """Shards each parameter's largest evenly divisible axis over `axis` of `mesh`."""
-    axis = axis or mesh.axis_names[0]
-    n = mesh.shape[axis]
-    out = []
-    for info in plan.infos:
-        spec = [None] * len(info.shape)
-        dims = sorted(range(len(info.shape)), key=lambda a: -info.shape[a])
-        for a in dims:
-            if info.shape[a] % n == 0 and info.shape[a] >= n:
-                spec[a] = axis
-                break
-        out.append(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec)))
-    return tuple(out)
+    return tuple(largest_axis_sharding(mesh, tuple(info.shape), axis) for info in plan.infos)
 
 
 def _normalize_shardings(sharding, prepared: Prepared):
@@ -262,18 +261,14 @@ def _normalize_shardings(sharding, prepared: Prepared):
     return tuple(leaves)
 
 
-def check_width(plan: Plan, config) -> None:
-    """Names the parameter when a dimension is wider than the decoder's K."""
-    if config.decoder != "lowrank" or config.past_max_dim != "error":
+def check_fits(plan: Plan, config) -> None:
+    """Raises ValueError naming the first parameter this GHN cannot decode (wider than K)."""
+    if config.decoder != "lowrank":
         return
     for info in plan.infos:
         rows, cols = _matrix_dims(info)
-        if max(rows, cols) > config.max_dim:
-            raise ValueError(
-                f"parameter '{info.path}' {info.shape} needs a {rows}x{cols} decoded matrix, "
-                f"wider than this GHN's max_dim K={config.max_dim}. Use a GHN with a larger "
-                "max_dim, or past_max_dim='wrap' to reuse decoder columns modulo K."
-            )
+        what = f"parameter '{info.path}' {info.shape} (a {rows}x{cols} decoded matrix)"
+        check_width(max(rows, cols), config.max_dim, config.past_max_dim, what)
 
 
 def predict(
@@ -281,7 +276,6 @@ def predict(
 ) -> nnx.State:
     """Predicts all parameters of `model`; see `GHN.predict`."""
     prepared = prepare(model, example_inputs, ghn.config)
-    check_width(prepared.plan, ghn.config)
     graphdef, state = nnx.split(ghn)
     shardings = _normalize_shardings(sharding, prepared)
     fn = _compiled(graphdef, prepared.plan, shardings, fast_compile)

@@ -6,9 +6,13 @@ need; `train.py` locks the result, so a misspelled override is an error.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
+from ghn.errors import ConfigError
 from ghn.hypernet import GHNConfig
+from ghn.train import step
 
 NONFINITE = ("skip", "stop")
 
@@ -95,12 +99,43 @@ def ghn_config(config: ml_collections.ConfigDict) -> GHNConfig:
     return GHNConfig.from_json(config.ghn.to_dict())
 
 
+# The config is read here and in `Trainer` only; library functions take plain values.
+
+
+def dataset_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`ghn.tasks.load_datasets` arguments from `config.data`."""
+    d = config.data
+    return dict(
+        train_split=d.train_split,
+        eval_split=d.eval_split,
+        seq_len=d.seq_len,
+        tokenizer=d.tokenizer,
+        tokenizer_dir=d.tokenizer_dir,
+        cache_dir=d.cache_dir,
+        data_dir=d.data_dir,
+        augment=d.augment,
+    )
+
+
+def optimizer(config: ml_collections.ConfigDict):
+    """(the GHN's optimizer, its schedule's numbers) from `config.optim`."""
+    o = config.optim
+    tx = step.make_optimizer(grad_clip=o.grad_clip, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+    schedule = step.schedule_hparams(
+        lr=o.lr,
+        warmup_steps=o.warmup_steps,
+        end_lr_ratio=o.end_lr_ratio,
+        num_steps=config.num_steps,
+    )
+    return tx, schedule
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the key for values no run could use."""
+    """Raises `ConfigError` (a ValueError) naming the key for values no run could use."""
 
     def need(ok: bool, message: str) -> None:
         if not ok:
-            raise ValueError(f"bad config: {message}")
+            raise ConfigError(f"bad config: {message}")
 
     need(config.num_steps >= 0, f"num_steps must be >= 0, got {config.num_steps}")
     need(config.log_every >= 1, f"log_every must be >= 1, got {config.log_every}")

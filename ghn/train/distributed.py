@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from ghn._compat import coordination_client
+from ghn.sharding import largest_axis_sharding
 
 log = logging.getLogger(__name__)
 
@@ -102,20 +104,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def fsdp_sharding(mesh: Mesh, shape: tuple[int, ...], min_size: int) -> NamedSharding:
-    """`shape`'s largest axis divisible by the `data` axis size, sharded over it.
-
-    A function of the shape alone, so a parameter, its gradient and its
-    optimizer moments always get the same sharding. Small or indivisible
-    arrays stay replicated.
-    """
-    n = mesh.shape[DATA]
-    spec = [None] * len(shape)
-    if n > 1 and math.prod(shape) >= min_size:
-        for a in sorted(range(len(shape)), key=lambda a: -shape[a]):
-            if shape[a] % n == 0:
-                spec[a] = DATA
-                break
-    return NamedSharding(mesh, PartitionSpec(*spec))
+    """FSDP placement of a GHN array: `ghn.sharding.largest_axis_sharding` over `data`."""
+    return largest_axis_sharding(mesh, shape, DATA, min_size)
 
 
 def put_replicated(tree, sharding: NamedSharding):
@@ -141,11 +131,9 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
     """
     if jax.process_count() == 1:
         return
-    from jax._src import distributed as jax_distributed  # the client has no public accessor
-
-    client = jax_distributed.global_state.client
+    client = coordination_client()
     barrier_id = f"ghn/{name}/{next(_BARRIERS)}"
-    if client is None:  # not started by jax.distributed.initialize
+    if client is None:  # not from jax.distributed.initialize, or JAX internals changed
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(barrier_id)

@@ -13,6 +13,8 @@ from typing import Any
 
 import jax
 
+import ghn
+
 log = logging.getLogger(__name__)
 
 
@@ -98,8 +100,6 @@ def _version(dist: str) -> str | None:
 
 
 def versions() -> dict[str, Any]:
-    import ghn
-
     devices = jax.devices()
     return {
         "python": platform.python_version(),

@@ -1,12 +1,15 @@
 """The compiled programs of meta-training, cached per architecture and counted.
 
+The math lives in `ghn.train.step` as pure functions; this module only
+jit-compiles them with shardings, caches and counts the programs:
 Per architecture (its XLA program depends on its spec and the data shapes only):
 - train: GHN params + gradient accumulator + graph + data batch -> accumulator
-  plus this architecture's weighted loss, metric and gradients (one program:
-  encode, decode, build the target model, forward, task loss, backward);
-- eval: GHN params + graph + data batch -> summed loss and metric.
-Once per run: init, zeros (a fresh accumulator) and update (clipping, AdamW,
-EMA, skipping non-finite steps).
+  plus this architecture's weighted loss, metric and gradients
+  (`step.meta_grads` + `step.accumulate`);
+- eval: GHN params + graph + data batch -> summed loss and metric
+  (`step.predict` + `step.target_sums`).
+Once per run: init, zeros (a fresh accumulator) and update (`step.apply_update`:
+clipping, AdamW, EMA, skipping non-finite steps).
 
 Every program is lowered and compiled explicitly, exactly once per cache key;
 `Stats` counts compilations, traces (a counter bumped inside each traced
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,8 +32,10 @@ import optax
 from flax import nnx
 
 from ghn.hypernet import GHN, GHNConfig
-from ghn.hypernet.predict import Prepared, check_width, predict_leaves, prepare
-from ghn.train import compile_cache
+from ghn.hypernet.predict import Prepared, prepare
+from ghn.params import count_params
+from ghn.tasks import Task
+from ghn.train import compile_cache, step
 from ghn.train.distributed import (
     barrier,
     batch_sharding,
@@ -39,53 +43,7 @@ from ghn.train.distributed import (
     put_replicated,
     replicated,
 )
-from ghn.train.tasks import Task
 from ghn.zoo import ArchSpec
-
-
-def schedule_hparams(optim, num_steps: int) -> dict[str, float]:
-    """The numbers `learning_rate` reads; runtime inputs of the update program."""
-    return {
-        "lr": float(optim.lr),
-        "warmup": float(min(optim.warmup_steps, num_steps)),
-        "num_steps": float(num_steps),
-        "end": float(optim.lr * optim.end_lr_ratio),
-    }
-
-
-def learning_rate(count, h) -> jax.Array:
-    """Linear warm-up to `lr`, then cosine to `end` at `num_steps`.
-
-    Indexed by the number of updates applied so far; update k uses the rate of
-    step k + 1, so the first update already moves (warm-up from lr / warmup).
-    """
-    step = jnp.asarray(count, jnp.float32) + 1.0
-    warmup = jnp.asarray(h["warmup"], jnp.float32)
-    warm = h["lr"] * step / jnp.maximum(warmup, 1.0)
-    span = jnp.maximum(h["num_steps"] - warmup, 1.0)
-    progress = jnp.clip((step - warmup) / span, 0.0, 1.0)
-    cosine = h["end"] + (h["lr"] - h["end"]) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
-    return jnp.where(step <= warmup, warm, cosine)
-
-
-def make_schedule(optim, num_steps: int) -> Callable[[jax.Array], jax.Array]:
-    h = schedule_hparams(optim, num_steps)
-    return lambda count: learning_rate(count, h)
-
-
-def make_optimizer(optim) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW's direction: Adam plus decoupled weight decay.
-
-    The update step multiplies by -learning_rate itself, with the schedule's
-    numbers as runtime inputs, so one compiled update serves any schedule or
-    run length (and is AdamW exactly).
-    """
-    parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
-    parts += [
-        optax.scale_by_adam(b1=optim.b1, b2=optim.b2),
-        optax.add_decayed_weights(optim.weight_decay),
-    ]
-    return optax.chain(*parts)
 
 
 @dataclasses.dataclass
@@ -94,8 +52,7 @@ class Arch:
 
     spec: ArchSpec
     prepared: Prepared
-    graphdef: Any  # the target model's
-    rest: Any  # abstract non-parameter state (BatchNorm statistics)
+    target: step.Target
     graph: Any  # GraphBatch of global replicated arrays
     num_params: int
 
@@ -132,8 +89,8 @@ class Programs:
         ghn_config: GHNConfig,
         task: Task,
         mesh: jax.sharding.Mesh,
-        optim,
-        num_steps: int,
+        tx: optax.GradientTransformation,
+        schedule: dict[str, float],
         seed: int,
         ema_decay: float = 0.0,
         bf16: bool = False,
@@ -142,11 +99,12 @@ class Programs:
         fsdp_min_size: int = 2**16,
         nan_step: int = -1,
     ):
+        """`tx` is `step.make_optimizer(...)`, `schedule` `step.schedule_hparams(...)`."""
         self.ghn_config = ghn_config
         self.task = task
         self.mesh = mesh
-        self.tx = make_optimizer(optim)
-        self.hparams = schedule_hparams(optim, num_steps)
+        self.tx = tx
+        self.hparams = dict(schedule)
         self.seed = seed
         self.ema_decay = ema_decay
         self.bf16 = bf16
@@ -222,9 +180,7 @@ class Programs:
 
     def _zeros_fn(self) -> dict[str, Any]:
         self.stats.traces["zeros"] += 1
-        grads = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), self.abstract_state["params"])
-        scalars = {k: jnp.zeros((), jnp.float32) for k in ("loss", "task_loss", "metric", "reg")}
-        return {"grads": grads, **scalars}
+        return step.zeros_like_grads(self.abstract_state["params"])
 
     def zeros(self) -> dict[str, Any]:
         fn = self._cached(
@@ -233,60 +189,32 @@ class Programs:
         return fn()
 
     def arch(self, spec: ArchSpec) -> Arch:
-        """Traces, plans and uploads `spec`'s graph once."""
+        """Traces, plans and uploads `spec`'s graph once (`prepare` checks it fits the GHN)."""
         hit = self._archs.get(spec)
         if hit is not None:
             return hit
         model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
         prepared = prepare(model, (self.task.input_spec(spec),), self.ghn_config)
-        check_width(prepared.plan, self.ghn_config)
         graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-        num_params = sum(math.prod(i.shape) for i in prepared.plan.infos)
+        target = step.Target(prepared.plan, prepared.treedef, graphdef, rest)
         graph = put_replicated(prepared.batch, self.replicated)
-        arch = Arch(spec, prepared, graphdef, rest, graph, num_params)
+        arch = Arch(spec, prepared, target, graph, count_params(prepared.plan.infos))
         self._archs[spec] = arch
         return arch
 
-    def _predict(self, arch: Arch, params, graph):
-        ghn = nnx.merge(self.ghn_graphdef, params)
-        return predict_leaves(ghn, graph, arch.prepared.plan)
-
-    def _forward(self, arch: Arch, leaves, batch) -> dict[str, jax.Array]:
-        dtype = jnp.bfloat16 if self.bf16 else jnp.float32
-        if self.bf16:
-            # The decoder ran in float32; only the target's forward is bfloat16.
-            leaves = [
-                x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x for x in leaves
-            ]
-        params = jax.tree_util.tree_unflatten(arch.prepared.treedef, leaves)
-        # BatchNorm statistics: the forward runs in training mode, reading batch
-        # statistics, so these placeholders only absorb the running-average update.
-        rest = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), arch.rest)
-        model = nnx.merge(arch.graphdef, params, rest)
-        return self.task.sums(model, batch, dtype)
-
     def train_fn(self, spec: ArchSpec):
         """The pure per-architecture function the train program compiles (for tests)."""
-        arch = self.arch(spec)
-        wd = self.pred_weight_decay
+        kwargs = dict(
+            ghn_graphdef=self.ghn_graphdef,
+            target=self.arch(spec).target,
+            task=self.task,
+            pred_weight_decay=self.pred_weight_decay,
+            bf16=self.bf16,
+        )
 
         def fn(params, acc, graph, batch, weight):
             self.stats.traces["train"] += 1
-
-            def loss_fn(params):
-                leaves = self._predict(arch, params, graph)
-                # safe_norm: a zero parameter has gradient 0, not NaN.
-                reg = sum(optax.safe_norm(x.astype(jnp.float32), 0.0) for x in leaves)
-                sums = self._forward(arch, leaves, batch)
-                task_loss = sums["loss_sum"] / sums["count"]
-                return task_loss + wd * reg, (task_loss, sums["metric_sum"] / sums["count"], reg)
-
-            (loss, (task_loss, metric, reg)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params
-            )
-            new = {"grads": grads, "loss": loss, "task_loss": task_loss, "metric": metric}
-            new["reg"] = reg
-            return jax.tree.map(lambda a, n: a + weight * n.astype(a.dtype), acc, new)
+            return step.accumulate(acc, step.meta_grads(params, graph, batch, **kwargs), weight)
 
         return fn
 
@@ -322,7 +250,8 @@ class Programs:
 
         def fn(params, graph, batch):
             self.stats.traces["eval"] += 1
-            return self._forward(arch, self._predict(arch, params, graph), batch)
+            leaves = step.predict(self.ghn_graphdef, params, graph, arch.target)
+            return step.target_sums(arch.target, self.task, leaves, batch, self.bf16)
 
         def build():
             in_sh = (self.param_shardings, self.replicated, self.data_sharding)
@@ -333,47 +262,11 @@ class Programs:
 
     def _update_fn(self, state, acc, inject_nan, hparams):
         self.stats.traces["update"] += 1
-        grads, loss = acc["grads"], acc["loss"]
-        # Tests corrupt a step on purpose (config.debug.nan_step).
-        poison = jnp.where(inject_nan, jnp.nan, 1.0)
-        grads = jax.tree.map(lambda g: g * poison.astype(g.dtype), grads)
-        loss = loss * poison
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # The rate of this update: skipped steps do not advance the schedule.
-        lr = learning_rate(state["step"] - state["skipped"], hparams)
-        updates, opt = self.tx.update(grads, state["opt"], state["params"])
-        params = jax.tree.map(lambda p, u: p - (lr * u).astype(p.dtype), state["params"], updates)
+        return step.apply_update(
+            state, acc, inject_nan, hparams, tx=self.tx, ema_decay=self.ema_decay
+        )
 
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-
-        out = {
-            "params": keep_if_finite(params, state["params"]),
-            "opt": keep_if_finite(opt, state["opt"]),
-            "step": state["step"] + 1,
-            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
-            "rng": jax.random.key_data(
-                jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-            ),
-        }
-        if "ema" in state:
-            d = self.ema_decay
-            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], out["params"])
-            out["ema"] = keep_if_finite(ema, state["ema"])
-        metrics = {
-            "loss": loss,
-            "task_loss": acc["task_loss"],
-            "metric": acc["metric"],
-            "pred_norm": acc["reg"],
-            "grad_norm": grad_norm,
-            "param_norm": optax.tree.norm(out["params"]),
-            "lr": lr,
-            "finite": finite,
-        }
-        return out, metrics
-
-    def update(self, state, acc, step: int):
+    def update(self, state, acc, step_index: int):
         """One optimizer step from the accumulated gradients; donates `state`."""
 
         def build():
@@ -383,7 +276,7 @@ class Programs:
             return self._compile("update", self._update_fn, in_sh, out_sh, args, donate=(0,))
 
         fn = self._cached(("update",), build)
-        return fn(state, acc, self._flags[step == self.nan_step], self._hparams)
+        return fn(state, acc, self._flags[step_index == self.nan_step], self._hparams)
 
     def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows -> global arrays sharded over `data`."""

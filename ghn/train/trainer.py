@@ -24,14 +24,15 @@ import jax
 import ml_collections
 import numpy as np
 
+from ghn.checkpoint import FORMAT, Checkpointer, CheckpointError, tree_digest
+from ghn.tasks import check_archs, eval_batches, load_datasets, train_iterator
 from ghn.train import compile_cache
-from ghn.train.archs import ArchSampler, make_pools, num_params
-from ghn.train.checkpoint import FORMAT, Checkpointer, CheckpointError, tree_digest
-from ghn.train.config import ghn_config, validate
+from ghn.train.archs import ArchSampler
+from ghn.train.config import dataset_kwargs, ghn_config, optimizer, validate
 from ghn.train.distributed import all_processes_agree, barrier, local_array, make_mesh
 from ghn.train.metrics import MetricWriter, versions, write_json
 from ghn.train.programs import Programs
-from ghn.train.tasks import check_archs, eval_batches, load_datasets, train_iterator
+from ghn.zoo.pools import pools_of
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,10 @@ class Trainer:
         self.mesh = make_mesh(config.mesh.data)
         self._check_batch_sizes()
 
-        self.task, self.train_ds, self.eval_ds = load_datasets(config.data)
-        self.pools = make_pools(config.archs, config.eval)
+        self.task, self.train_ds, self.eval_ds = load_datasets(
+            config.data.name, **dataset_kwargs(config)
+        )
+        self.pools = pools_of(config)
         check_archs(
             self.task,
             self.train_ds,
@@ -81,12 +84,13 @@ class Trainer:
         )
         self.sampler = ArchSampler(self.pools.train, config.archs.meta_batch_size, config.seed)
         self.ghn_config = ghn_config(config)
+        tx, schedule = optimizer(config)
         self.programs = Programs(
             ghn_config=self.ghn_config,
             task=self.task,
             mesh=self.mesh,
-            optim=config.optim,
-            num_steps=config.num_steps,
+            tx=tx,
+            schedule=schedule,
             seed=config.seed,
             ema_decay=config.ema_decay,
             bf16=config.bf16,
@@ -96,12 +100,12 @@ class Trainer:
             nan_step=config.debug.nan_step,
         )
         self.train_it = train_iterator(
-            config.data,
-            self.task,
             self.train_ds,
-            config.seed,
-            jax.process_index(),
-            jax.process_count(),
+            self.task,
+            batch_size=config.data.batch_size,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
         self.writer = MetricWriter(
             self.workdir, enabled=self.is_main, tensorboard=config.tensorboard
@@ -115,7 +119,7 @@ class Trainer:
             )
         # Fail now, not hours in: the evaluation architectures and the largest
         # training one must fit the GHN (e.g. its max_dim).
-        largest = max(self.pools.train, key=num_params)
+        largest = max(self.pools.train, key=lambda s: s.num_params())
         for spec in [largest, *self.pools.heldout, *self.pools.larger]:
             self.programs.arch(spec)
         self.state = self._restore_or_init()
@@ -251,7 +255,12 @@ class Trainer:
         cfg = self.config
         if self._eval_batches is None:
             local = eval_batches(
-                cfg.eval, self.task, self.eval_ds, jax.process_index(), jax.process_count()
+                self.eval_ds,
+                self.task,
+                batch_size=cfg.eval.batch_size,
+                max_batches=cfg.eval.max_batches,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
             )
             self._eval_batches = [self.programs.global_batch(b) for b in local]
         use_ema = cfg.eval.use_ema and "ema" in self.state

@@ -8,11 +8,14 @@ version (no allocation, how GPT-2 XL gets traced).
     specs = zoo.sample("vits-1k", 100, seed=0, image_size=28, in_channels=1)
     model = spec.build(rngs=nnx.Rngs(0))
     logits = model(spec.example_input())
+    specs = zoo.parse_archs("vit-ti:patch_size=7,archs.json:heldout")  # command-line names
 """
 
 from ghn.zoo.cellnet import OPS, CellNetSpec
 from ghn.zoo.dataset import load_dataset, write_dataset
 from ghn.zoo.gpt2 import GPT2Spec
+from ghn.zoo.parse import parse_arch, parse_archs, parse_overrides
+from ghn.zoo.pools import Pools, make_pools
 from ghn.zoo.presets import get, presets
 from ghn.zoo.resnet import ResNetSpec
 from ghn.zoo.samplers import SAMPLERS, sample
@@ -21,6 +24,7 @@ from ghn.zoo.vit import ViTSpec
 
 __all__ = [
     "OPS",
+    "Pools",
     "SAMPLERS",
     "ArchSpec",
     "CellNetSpec",
@@ -29,6 +33,10 @@ __all__ = [
     "ViTSpec",
     "get",
     "load_dataset",
+    "make_pools",
+    "parse_arch",
+    "parse_archs",
+    "parse_overrides",
     "presets",
     "sample",
     "spec_from_json",

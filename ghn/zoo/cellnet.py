@@ -43,8 +43,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ghn._compat import host_counted
 from ghn.zoo.layers import check_image, he_normal_fan_out, torch_linear_bias, torch_linear_kernel
-from ghn.zoo.spec import ImageSpec, check, host_counted
+from ghn.zoo.spec import ImageSpec, check
 
 OPS = (
     "conv1x1",
@@ -159,10 +160,10 @@ class SqueezeExcite(nnx.Module):
         self.squeeze = conv(channels, hidden, 1, use_bias=True, rngs=rngs)
         self.excite = conv(hidden, channels, 1, use_bias=True, rngs=rngs)
 
-    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-        s_Bx1x1xC = jnp.mean(x_BxHxWxC, axis=(1, 2), keepdims=True)
+    def __call__(self, x_BxYxXxC: jax.Array) -> jax.Array:
+        s_Bx1x1xC = jnp.mean(x_BxYxXxC, axis=(1, 2), keepdims=True)
         gate_Bx1x1xC = jax.nn.sigmoid(self.excite(jax.nn.relu(self.squeeze(s_Bx1x1xC))))
-        return x_BxHxWxC * gate_Bx1x1xC
+        return x_BxYxXxC * gate_Bx1x1xC
 
 
 class Identity(nnx.Module):
@@ -268,9 +269,9 @@ class CellNet(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-        check_image(x_BxHxWxC, None, self.in_channels, "CellNet")
-        x = self.stem(x_BxHxWxC)
+    def __call__(self, x_BxYxXxC: jax.Array) -> jax.Array:
+        check_image(x_BxYxXxC, None, self.in_channels, "CellNet")
+        x = self.stem(x_BxYxXxC)
         for cell in self.cells:
             x = cell(x)
         return self.head(jnp.mean(x, axis=(1, 2)))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ghn.zoo.samplers import get_sampler
-from ghn.zoo.spec import ArchSpec, as_list, check, spec_from_json
+from ghn.zoo.spec import ArchSpec, SpecError, as_list, check, spec_from_json
 
 VERSION = 1
 
@@ -70,8 +70,13 @@ def load_dataset(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     try:
         doc = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise SpecError(
+            f"architecture dataset {path} does not exist; write one with "
+            "`python -m ghn.zoo.make_dataset` or fix the path"
+        ) from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not a valid architecture dataset (bad JSON: {e})") from e
+        raise SpecError(f"{path} is not a valid architecture dataset (bad JSON: {e})") from e
     check(
         isinstance(doc, dict) and {"train", "heldout", "version"} <= set(doc),
         f"{path} is not an architecture dataset (needs 'version', 'train', 'heldout')",

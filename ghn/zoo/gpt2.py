@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ghn._compat import host_counted
 from ghn.zoo.layers import CausalSelfAttention
-from ghn.zoo.spec import ArchSpec, check, host_counted
+from ghn.zoo.spec import ArchSpec, check
 
 normal = jax.nn.initializers.normal
 

@@ -53,20 +53,20 @@ def multi_head_attention(qkv_BxLx3D: jax.Array, num_heads: int, *, causal: bool)
     """Scaled dot-product attention over a fused [q | k | v] projection (GPT-2/timm layout)."""
     b, length, d3 = qkv_BxLx3D.shape
     d = d3 // 3
-    qkv_BxLx3xHxK = qkv_BxLx3D.reshape(b, length, 3, num_heads, d // num_heads)
-    q_BxLxHxK = qkv_BxLx3xHxK[:, :, 0]
-    k_BxLxHxK = qkv_BxLx3xHxK[:, :, 1]
-    v_BxLxHxK = qkv_BxLx3xHxK[:, :, 2]
+    qkv_BxLx3xHxA = qkv_BxLx3D.reshape(b, length, 3, num_heads, d // num_heads)
+    q_BxLxHxA = qkv_BxLx3xHxA[:, :, 0]
+    k_BxLxHxA = qkv_BxLx3xHxA[:, :, 1]
+    v_BxLxHxA = qkv_BxLx3xHxA[:, :, 2]
     scale = 1.0 / math.sqrt(d // num_heads)
-    logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK) * scale
+    logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxA, k_BxLxHxA) * scale
     if causal:
         mask_1x1xLxL = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
         logits_BxHxLxL = jnp.where(
             mask_1x1xLxL, logits_BxHxLxL, jnp.finfo(logits_BxHxLxL.dtype).min
         )
     probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1)
-    out_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxK)
-    return out_BxLxHxK.reshape(b, length, d)
+    out_BxLxHxA = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxA)
+    return out_BxLxHxA.reshape(b, length, d)
 
 
 class SelfAttention(nnx.Module):

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ghn._compat import host_counted
 from ghn.zoo.layers import check_image, he_normal_fan_out, torch_linear_bias, torch_linear_kernel
-from ghn.zoo.spec import ImageSpec, check, host_counted
+from ghn.zoo.spec import ImageSpec, check
 
 BLOCKS = ("basic", "bottleneck")
 EXPANSION = {"basic": 1, "bottleneck": 4}
@@ -133,9 +134,9 @@ class ResNet(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-        check_image(x_BxHxWxC, None, self.in_channels, "ResNet")
-        x = jax.nn.relu(self.bn1(self.conv1(x_BxHxWxC)))
+    def __call__(self, x_BxYxXxC: jax.Array) -> jax.Array:
+        check_image(x_BxYxXxC, None, self.in_channels, "ResNet")
+        x = jax.nn.relu(self.bn1(self.conv1(x_BxYxXxC)))
         if not self.small_input:
             x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage in self.stages:

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
+
+from ghn.errors import ConfigError
+from ghn.params import count_params
 
 _FAMILIES: dict[str, type[ArchSpec]] = {}
 _SCALAR_TYPES = {"int": int, "bool": bool, "str": str}
@@ -36,9 +37,13 @@ def as_list(value: Any) -> Any:
     return value
 
 
+class SpecError(ConfigError):
+    """An architecture spec, preset name or sampler range that no model can be built from."""
+
+
 def check(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise SpecError(message)
 
 
 class ArchSpec:
@@ -87,15 +92,23 @@ class ArchSpec:
         return jax.random.normal(jax.random.key(seed), s.shape, s.dtype)
 
     def num_params(self) -> int:
-        """Number of `nnx.Param` scalars (BatchNorm running statistics excluded)."""
+        """Number of `nnx.Param` scalars (BatchNorm running statistics excluded).
+
+        By arithmetic where the family has a closed form (summaries and pool
+        checks run over thousands of specs, and an abstract build costs ~0.1 s),
+        else counted on an abstract build.
+        """
+        try:
+            return self.closed_form_num_params()
+        except NotImplementedError:
+            return self.counted_num_params()
+
+    def counted_num_params(self) -> int:
+        """`num_params()` counted on an abstract build (the tests pin the closed forms to it)."""
         return _count_params(self)
 
     def closed_form_num_params(self) -> int:
-        """`num_params()` by arithmetic, for summaries over thousands of specs.
-
-        Tracing an abstract build costs ~0.1 s per architecture; the tests keep the
-        two equal.
-        """
+        """`num_params()` by arithmetic; families that have one override this."""
         raise NotImplementedError
 
     @classmethod
@@ -133,24 +146,6 @@ class ArchSpec:
         return cls(**{k: as_tuple(v) for k, v in d.items()})
 
 
-def host_counted(rngs: nnx.Rngs) -> nnx.Rngs:
-    """A fresh Rngs seeded with one key from `rngs`, whose draw counter lives on the host.
-
-    `nnx.Rngs` keeps its counter in a JAX array. When a model is built under
-    `nnx.eval_shape` or `jit`, every draw then writes a traced counter, and flax's
-    Variable update probes the tracer's `.sharding`, which raises an AttributeError
-    whose message scans the whole trace so far: building is quadratic in the number
-    of layers (GPT-2 XL under `nnx.eval_shape`: 5.3 s on a 2-core CPU). With a NumPy
-    counter the keys are those `nnx.Rngs(params=key)` would give (`fold_in(key, i)`),
-    the draws are still traced, and the bookkeeping stays on the host (0.7 s). A spec's
-    model thus differs from the same module constructed directly with `rngs`; both
-    are deterministic.
-    """
-    local = nnx.Rngs(params=rngs.params())
-    local.params.count = nnx.RngCount(np.zeros((), np.uint32), tag="params")
-    return local
-
-
 def spec_from_json(d: Mapping[str, Any]) -> ArchSpec:
     return ArchSpec.from_json(d)
 
@@ -174,5 +169,4 @@ class ImageSpec(ArchSpec):
 
 @functools.lru_cache(maxsize=8192)
 def _count_params(spec: ArchSpec) -> int:
-    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return count_params(nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))))

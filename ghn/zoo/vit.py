@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ghn._compat import host_counted
 from ghn.zoo.layers import Mlp, SelfAttention, check_image
-from ghn.zoo.spec import ImageSpec, check, host_counted
+from ghn.zoo.spec import ImageSpec, check
 
 POOLS = ("cls", "mean")
 
@@ -84,11 +85,11 @@ class VisionTransformer(nnx.Module):
         )
         self.head = nnx.Linear(width, num_classes, kernel_init=head_init, rngs=rngs)
 
-    def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-        check_image(x_BxHxWxC, self.image_size, self.in_channels, "VisionTransformer")
-        x_BxHxWxD = self.patch_embed(x_BxHxWxC)
-        b, h, w, d = x_BxHxWxD.shape
-        x_BxLxD = x_BxHxWxD.reshape(b, h * w, d)
+    def __call__(self, x_BxYxXxC: jax.Array) -> jax.Array:
+        check_image(x_BxYxXxC, self.image_size, self.in_channels, "VisionTransformer")
+        x_BxYxXxD = self.patch_embed(x_BxYxXxC)
+        b, h, w, d = x_BxYxXxD.shape
+        x_BxLxD = x_BxYxXxD.reshape(b, h * w, d)
         if self.pool == "cls":
             cls_Bx1xD = jnp.broadcast_to(self.cls_token[...], (b, 1, d))
             x_BxLxD = jnp.concatenate([cls_Bx1xD, x_BxLxD], axis=1)

@@ -21,12 +21,14 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ghn.errors import GHNError
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GHNError, RuntimeError):
     """A checkpoint that cannot be used: unreadable, corrupt, or from another set-up."""
 
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from ghn import data as ghn_data
+from ghn.errors import ConfigError
 from ghn.zoo import ArchSpec
 
 
@@ -47,11 +48,11 @@ class Task:
                 w_BxL = w_BxL * batch["mask"].astype(jnp.float32)[:, None]
             loss_sum = jnp.sum(nll_BxL * w_BxL)
             return {"loss_sum": loss_sum, "metric_sum": loss_sum, "count": jnp.sum(w_BxL)}
-        x_BxHxWxC = batch["image"].astype(dtype)
-        logits_BxK = model(x_BxHxWxC).astype(jnp.float32)
+        x_BxYxXxC = batch["image"].astype(dtype)
+        logits_BxV = model(x_BxYxXxC).astype(jnp.float32)
         labels_B = batch["label"]
-        nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxK, labels_B)
-        correct_B = (jnp.argmax(logits_BxK, axis=-1) == labels_B).astype(jnp.float32)
+        nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxV, labels_B)
+        correct_B = (jnp.argmax(logits_BxV, axis=-1) == labels_B).astype(jnp.float32)
         w_B = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones_like(nll_B)
         return {
             "loss_sum": jnp.sum(nll_B * w_B),
@@ -69,32 +70,56 @@ class Task:
 TEXT_DATASETS = ("pydoc_text", "wikitext2", "wikitext103")
 
 
-def _dataset_kwargs(data_config, train: bool) -> dict[str, Any]:
+def dataset_kwargs(
+    name: str,
+    *,
+    train: bool,
+    tokenizer: str = "byte",
+    tokenizer_dir: str = "",
+    cache_dir: str = "",
+    data_dir: str = "",
+    augment: bool = False,
+) -> dict[str, Any]:
+    """The keyword arguments `ghn.data.get_dataset` takes for dataset `name`."""
     kw: dict[str, Any] = {}
-    if data_config.name in TEXT_DATASETS:
-        kw["tokenizer"] = data_config.tokenizer
-        if data_config.tokenizer_dir:
-            kw["tokenizer_dir"] = data_config.tokenizer_dir
-        if data_config.cache_dir and data_config.name != "pydoc_text":
-            kw["cache_dir"] = data_config.cache_dir
+    if name in TEXT_DATASETS:
+        kw["tokenizer"] = tokenizer
+        if tokenizer_dir:
+            kw["tokenizer_dir"] = tokenizer_dir
+        if cache_dir and name != "pydoc_text":
+            kw["cache_dir"] = cache_dir
     else:
-        kw["augment"] = bool(data_config.augment) and train
-    if data_config.data_dir:
-        kw["data_dir"] = data_config.data_dir
+        kw["augment"] = bool(augment) and train
+    if data_dir:
+        kw["data_dir"] = data_dir
     return kw
 
 
-def load_datasets(data_config):
-    """(task, train split, eval split) of `config.data`."""
-    train = ghn_data.get_dataset(
-        data_config.name, data_config.train_split, **_dataset_kwargs(data_config, True)
-    )
-    evals = ghn_data.get_dataset(
-        data_config.name, data_config.eval_split, **_dataset_kwargs(data_config, False)
-    )
-    if train.kind == "text" and data_config.seq_len <= 0:
-        raise ValueError(f"text dataset {data_config.name!r} needs data.seq_len > 0")
-    return Task(train.kind, data_config.seq_len if train.kind == "text" else 0), train, evals
+def task_of(train, seq_len: int = 0) -> Task:
+    """The task a training split defines (text needs the sequence length)."""
+    if train.kind == "text" and seq_len <= 0:
+        raise ConfigError(
+            f"text dataset {train.name!r} needs a sequence length: set seq_len > 0 "
+            "(train.py: --config.data.seq_len; eval.py: --seq_len)"
+        )
+    return Task(train.kind, seq_len if train.kind == "text" else 0)
+
+
+def load_datasets(
+    name: str,
+    *,
+    train_split: str = "train",
+    eval_split: str = "validation",
+    seq_len: int = 0,
+    **kwargs: Any,
+):
+    """(task, train split, evaluation split) of dataset `name`.
+
+    `kwargs` are those of `dataset_kwargs` (tokenizer, data_dir, augment, ...).
+    """
+    train = ghn_data.get_dataset(name, train_split, **dataset_kwargs(name, train=True, **kwargs))
+    evals = ghn_data.get_dataset(name, eval_split, **dataset_kwargs(name, train=False, **kwargs))
+    return task_of(train, seq_len), train, evals
 
 
 def task_fields(task: Task, dataset) -> dict[str, Any]:
@@ -114,21 +139,41 @@ def check_archs(task: Task, dataset, specs) -> None:
             wrong["context_length"] = (spec.context_length, f">= seq_len {task.seq_len}")
         if wrong:
             detail = ", ".join(f"{k}={a} (data needs {b})" for k, (a, b) in wrong.items())
-            raise ValueError(
+            raise ConfigError(
                 f"architecture {spec.name} does not fit {dataset.name}: {detail}; set them in "
                 "archs.ranges (or the architecture dataset)"
             )
 
 
-def train_iterator(data_config, task: Task, dataset, seed: int, process_index, process_count):
+def train_iterator(
+    dataset,
+    task: Task,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """An endless, resumable iterator of this process's rows of each training batch."""
     kw = dict(seed=seed, process_index=process_index, process_count=process_count)
     if task.kind == "text":
-        return dataset.iterator(data_config.batch_size, task.seq_len, **kw)
-    return dataset.iterator(data_config.batch_size, **kw)
+        return dataset.iterator(batch_size, task.seq_len, **kw)
+    return dataset.iterator(batch_size, **kw)
 
 
-def eval_batches(eval_config, task: Task, dataset, process_index, process_count) -> list:
-    """This process's rows of every evaluation batch (padded last batch with a mask)."""
+def eval_batches(
+    dataset,
+    task: Task,
+    *,
+    batch_size: int,
+    max_batches: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> list:
+    """This process's rows of every evaluation batch (padded last batch with a mask).
+
+    `max_batches=0` takes the whole split.
+    """
     kw = dict(
         shuffle=False,
         num_epochs=1,
@@ -137,12 +182,12 @@ def eval_batches(eval_config, task: Task, dataset, process_index, process_count)
         process_count=process_count,
     )
     if task.kind == "text":
-        it = dataset.iterator(eval_config.batch_size, task.seq_len, **kw)
+        it = dataset.iterator(batch_size, task.seq_len, **kw)
     else:
-        it = dataset.iterator(eval_config.batch_size, **kw)
+        it = dataset.iterator(batch_size, **kw)
     out = []
     for batch in it:
         out.append(batch)
-        if eval_config.max_batches and len(out) >= eval_config.max_batches:
+        if max_batches and len(out) >= max_batches:
             break
     return out
