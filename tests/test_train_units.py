@@ -5,16 +5,18 @@ import math
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from test_train_common import CONFIGS, ROOT, env, load_config, tiny_config
 from tolerances import assert_close
 
 from ghn import zoo
 from ghn.tasks import Task, check_archs, load_datasets
-from ghn.train import ArchSampler, base_config, make_schedule, pools_of, validate
+from ghn.train import ArchSampler, base_config, make_schedule, pools_of, step, validate
 from ghn.train.archs import fingerprint
 from ghn.train.config import dataset_kwargs
 from ghn.train.distributed import fsdp_sharding, initialize_distributed, make_mesh
@@ -160,3 +162,40 @@ def test_masked_task_sums():
     # (atol ~1e-5 still sees the 3 * 4.5e-5 of the log1p terms.)
     want = 10 + 3 * math.log1p(math.exp(-10))
     assert_close(float(sums["loss_sum"]), want, reduction=2 + 4, scale=10.0)
+
+
+def test_apply_update_is_adamw_and_skips_non_finite_steps():
+    params = {"w": jnp.asarray([[1.0, -2.0], [0.5, 3.0]]), "b": jnp.asarray([0.1, -0.1])}
+    grads = {"w": jnp.asarray([[0.3, -0.2], [0.1, 0.4]]), "b": jnp.asarray([1.0, 2.0])}
+    hp = dict(lr=0.1, warmup_steps=0, end_lr_ratio=1.0, num_steps=10)
+    tx = step.make_optimizer(grad_clip=1.0, b1=0.9, b2=0.999, weight_decay=0.01)
+    state = {
+        "params": params,
+        "opt": tx.init(params),
+        "step": jnp.zeros((), jnp.int32),
+        "skipped": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key_data(jax.random.key(0)),
+    }
+    acc = {"grads": grads, **{k: jnp.float32(1.0) for k in ("loss", "task_loss", "metric", "reg")}}
+    h = step.schedule_hparams(**hp)
+    new, metrics = step.apply_update(state, acc, False, h, tx=tx, ema_decay=0.0)
+    # The same step with optax's own AdamW (constant rate 0.1 here).
+    reference = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(0.1, b1=0.9, b2=0.999, weight_decay=0.01)
+    )
+    updates, _ = reference.update(grads, reference.init(params), params)
+    want = optax.apply_updates(params, updates)
+    for k in params:
+        # A handful of float32 operations per element on O(1) values.
+        np.testing.assert_allclose(
+            new["params"][k], want[k], rtol=0, atol=8 * np.finfo(np.float32).eps
+        )
+    assert bool(metrics["finite"]) and float(metrics["lr"]) == pytest.approx(0.1)
+
+    poisoned, metrics = step.apply_update(new, acc, True, h, tx=tx, ema_decay=0.0)
+    assert not bool(metrics["finite"])
+    assert int(poisoned["step"]) == 2 and int(poisoned["skipped"]) == 1
+    # A skipped step leaves parameters and optimizer state exactly as they were (jnp.where
+    # selects the old arrays, no arithmetic).
+    chex.assert_trees_all_equal(poisoned["params"], new["params"])
+    chex.assert_trees_all_equal(poisoned["opt"], new["opt"])

@@ -13,8 +13,6 @@ from typing import Any
 
 import jax
 
-import ghn
-
 log = logging.getLogger(__name__)
 
 
@@ -110,7 +108,7 @@ def versions() -> dict[str, Any]:
         "orbax-checkpoint": _version("orbax-checkpoint"),
         "numpy": _version("numpy"),
         "ml_collections": _version("ml_collections"),
-        "ghn": ghn.__version__,
+        "ghn": _version("ghn"),
         "platform": platform.platform(),
         "backend": jax.default_backend(),
         "device_kind": devices[0].device_kind,
