@@ -12,8 +12,9 @@ falls back to the public, slower path with one `CompatWarning`, or raises
    whose message scans the whole trace so far; building is quadratic in the number of
    layers (GPT-2 XL under `nnx.eval_shape` on a 2-core CPU: 6.7 s, 1.0 s with the
    NumPy counter). Relies on: `RngStream` keeping its counter in an `nnx.RngCount`
-   attribute `count`, reading and writing it through `get_value`/`set_value` (which
-   `count[...]` calls), and deriving keys from it alone. Guard: the structure is
+   attribute `count` and reading and writing it through `get_value`/`set_value`
+   (which `count[...]` calls); ours hand out copies, because JAX on CPU may alias a
+   NumPy argument that flax would then increment in place. Guard: the structure is
    checked on every call, and on first use a probe draws keys from a host-counted and
    a stock stream and compares them; on failure, a warning and a stock
    `nnx.Rngs(params=rngs.params())` (same parameters, only slower). On upgrade check

@@ -110,4 +110,3 @@ class GHNConfig:
         if unknown:
             raise ConfigError(f"unknown GHNConfig keys {unknown}; known keys are {sorted(known)}")
         return cls(**d)
-

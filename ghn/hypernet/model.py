@@ -54,7 +54,6 @@ class GHN(nnx.Module):
         return predict(self, model, *example_inputs, sharding=sharding, fast_compile=fast_compile)
 
 
-
 def num_params(config: GHNConfig) -> int:
     """Number of parameters of `GHN(config)`, computed without allocating them."""
     return count_params(nnx.eval_shape(lambda: GHN(config, rngs=nnx.Rngs(0))))
