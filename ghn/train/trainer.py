@@ -295,6 +295,8 @@ class Trainer:
         self.last_eval = summary
         return summary
 
+    NOT_SAVED = "checkpointing is disabled (checkpoint.enabled=False): nothing saved"
+
     @contextlib.contextmanager
     def _signals(self):
         """SIGTERM/SIGINT ask the loop to save and stop at the next step boundary."""
@@ -306,7 +308,8 @@ class Trainer:
             if self._signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C stops at once
             self._signal = signum
-            log.warning("got %s: saving a checkpoint, then stopping", signal.Signals(signum).name)
+            plan = "saving a checkpoint" if self.ckpt is not None else self.NOT_SAVED
+            log.warning("got %s: %s, then stopping", signal.Signals(signum).name, plan)
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -315,11 +318,23 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def step_once(self, step: int):
+        """One meta-training step: the next architectures on the next data batch, their
+        gradients accumulated, one update. Returns (specs, accumulated gradients and
+        losses, the update's metrics); metrics stay on the devices until fetched."""
+        specs = self.sampler.next()
+        batch = self.programs.global_batch(next(self.train_it))
+        weight = self.programs.weight(len(specs))
+        acc = self.programs.zeros()
+        for spec in specs:
+            acc = self.programs.accumulate(spec, self.state["params"], acc, batch, weight)
+        self.state, metrics = self.programs.update(self.state, acc, step)
+        return specs, acc, metrics
+
     def train(self) -> dict[str, Any]:
         """Runs to `config.num_steps` (or a signal); returns a summary of the run."""
         cfg = self.config
         step = start = self.step
-        weight = self.programs.weight(cfg.archs.meta_batch_size)
         pbar = None
         if self.is_main and cfg.progress_bar:
             from tqdm import tqdm
@@ -351,14 +366,7 @@ class Trainer:
                     if all_processes_agree(self._signal is not None):
                         stopped_by = signal.Signals(self._signal or signal.SIGTERM).name
                         break
-                    specs = self.sampler.next()
-                    batch = self.programs.global_batch(next(self.train_it))
-                    acc = self.programs.zeros()
-                    for spec in specs:
-                        acc = self.programs.accumulate(
-                            spec, self.state["params"], acc, batch, weight
-                        )
-                    self.state, metrics = self.programs.update(self.state, acc, step)
+                    specs, _, metrics = self.step_once(step)
                     if cfg.debug.sleep_per_step:
                         time.sleep(cfg.debug.sleep_per_step)
                     drain()
@@ -393,7 +401,8 @@ class Trainer:
                 if self.ckpt is not None:
                     self.ckpt.wait()
         if stopped_by:
-            self._say(f"stopped by {stopped_by} at step {step}; checkpoint saved")
+            saved = "checkpoint saved" if self.ckpt is not None else self.NOT_SAVED
+            self._say(f"stopped by {stopped_by} at step {step}; {saved}")
         return {
             "step": step,
             "start_step": start,
