@@ -5,13 +5,20 @@
 Several processes (one per host, or per GPU): pass --coordinator_address,
 --num_processes and --process_id, or launch under SLURM / on a TPU pod slice
 and let JAX detect them.
+
+Exit status: 0 when done; 128 + the signal's number when stopped by SIGTERM or
+SIGINT (after saving a checkpoint, if enabled); 2 with one `error:` line for a
+problem with the input (a flag, config key or value, missing dataset, unusable
+checkpoint); 1 with a traceback for anything else, which is a bug.
 """
 
 import signal
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from ghn.errors import run_absl
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "A configs/*.py file; override keys with --config.a.b=value.", lock_config=True
@@ -42,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run_absl(main)

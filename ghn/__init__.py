@@ -33,7 +33,7 @@ Shape suffixes: an array's name ends in its shape, one letter per axis (`nodes_B
 
 from ghn import zoo
 from ghn.graph import Graph, trace
-from ghn.hub import available, load, save
+from ghn.hub import available, checkpoints, load, save
 from ghn.hypernet import GHN, GHNConfig, with_params
 
 __version__ = "0.1.0"
@@ -43,6 +43,7 @@ __all__ = [
     "GHNConfig",
     "Graph",
     "available",
+    "checkpoints",
     "load",
     "save",
     "trace",

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,23 +40,73 @@ def tree_digest(tree) -> str:
     return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
 
 
+def error_summary(e: Exception) -> str:
+    """An Orbax error in a line: TensorStore appends kilobytes of JSON specs to its messages."""
+    text = " ".join(str(e).split(" [tensorstore_spec", 1)[0].split())
+    return f"{type(e).__name__}: {text[:500]}{'...' if len(text) > 500 else ''}"
+
+
+def drop_closed_loop_errors() -> None:
+    """Keeps a failed restore's error readable.
+
+    When one read fails, Orbax closes its event loop while TensorStore still
+    finishes the other reads; each late callback then prints "RuntimeError:
+    Event loop is closed" as an unraisable exception (measured: 60-160
+    tracebacks after one corrupt checkpoint), burying the real error. They
+    arrive after the restore has raised, so the filter stays installed.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_errors", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.drops_closed_loop_errors = True
+    sys.unraisablehook = hook
+
+
 class Checkpointer:
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int, async_save: bool):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_to_keep: int | None,
+        async_save: bool,
+        read_only: bool = False,
+    ):
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
+            max_to_keep=None if read_only else max_to_keep,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
+            # A reader must not touch the directory: a run may be saving into it. (Not
+            # Orbax's own read_only, which logs two warnings on every open.)
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
 
+    @classmethod
+    def reader(cls, directory: str | os.PathLike) -> Checkpointer:
+        """Reads a run's checkpoints (e.g. while it trains) without creating, deleting or
+        cleaning up anything."""
+        return cls(directory, max_to_keep=None, async_save=False, read_only=True)
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The steps of finished checkpoints, ascending (an interrupted save is not one)."""
+        return sorted(int(s) for s in self.manager.all_steps())
+
     def save(self, step: int, state, meta: dict[str, Any], *, wait: bool = False) -> None:
+        if self.read_only:
+            raise RuntimeError(f"{self.directory} was opened read-only, for reading checkpoints")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self.manager.save(step, args=args, force=True)
         if wait:
@@ -65,12 +116,13 @@ class Checkpointer:
         return str(self.directory / str(step))
 
     def read_meta(self, step: int) -> dict[str, Any]:
+        drop_closed_loop_errors()
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             meta = out["meta"]
         except Exception as e:
             raise CheckpointError(
-                f"checkpoint {self._where(step)} is unreadable ({type(e).__name__}: {e}). It is "
+                f"checkpoint {self._where(step)} is unreadable ({error_summary(e)}). It is "
                 "corrupt or not a ghn.train checkpoint: delete that step's directory to resume "
                 "from an earlier one, or start in a fresh workdir."
             ) from e
@@ -111,15 +163,22 @@ class Checkpointer:
             abstract_state,
             shardings,
         )
+        return self._restore_state(step, ocp.args.StandardRestore(target))
+
+    def restore_as_saved(self, step: int):
+        """The arrays of `step` with their saved shapes and dtypes, on the default device
+        (reading a run's parameters outside of training)."""
+        return self._restore_state(step, ocp.args.StandardRestore())
+
+    def _restore_state(self, step: int, args):
+        drop_closed_loop_errors()
         try:
-            out = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-            )
+            out = self.manager.restore(step, args=ocp.args.Composite(state=args))
         except Exception as e:
             raise CheckpointError(
-                f"checkpoint {self._where(step)} could not be restored ({type(e).__name__}: "
-                f"{e}). Its arrays are missing or corrupt: delete that step's directory to "
-                "resume from an earlier checkpoint, or start in a fresh workdir."
+                f"checkpoint {self._where(step)} could not be restored ({error_summary(e)}). Its "
+                "arrays are missing or corrupt: delete that step's directory to resume from an "
+                "earlier checkpoint, or start in a fresh workdir."
             ) from e
         return out["state"]
 

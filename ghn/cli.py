@@ -4,6 +4,10 @@ python -m ghn trace vit-s --set image_size=32 --draw vit-s.png
 python -m ghn trace archs.json:heldout:0 --summary
 python -m ghn trace vit-ti:depth=4;patch_size=7
 python -m ghn predict gpt2-large --out predicted/
+python -m ghn export runs/vit_mnist my_ghn/ --step 400
+
+A problem with the input (a name, a file, a value) prints one `error:` line and
+exits with status 2; anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+
+from ghn.errors import ConfigError, exit_on_user_error
 
 ARCH_HELP = "preset[:field=value;...], spec JSON file, or dataset.json:split:index"
 
@@ -22,7 +28,7 @@ def load_spec(name: str, overrides: list[str]):
 
     specs = zoo.parse_arch(name)
     if len(specs) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"{name!r} names {len(specs)} architectures; pick one with FILE.json:split:index"
         )
     return specs[0].replace(**zoo.parse_overrides(overrides)) if overrides else specs[0]
@@ -106,8 +112,11 @@ def cmd_list(args) -> None:
 def cmd_export(args) -> None:
     from ghn import hub
 
+    bad = [kv for kv in args.set if "=" not in kv]
+    if bad:
+        raise ConfigError(f"--set expects KEY=VALUE, got {bad[0]!r}")
     metadata = dict(kv.split("=", 1) for kv in args.set)
-    print(hub.export(args.workdir, args.directory, **metadata))
+    print(hub.export(args.workdir, args.directory, step=args.step, **metadata))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("export", help="a train.py workdir's GHN -> a directory ghn.load reads")
     p.add_argument("workdir")
     p.add_argument("directory")
+    p.add_argument("--step", type=int, help="the checkpoint to export (default: the latest)")
     p.add_argument(
         "--set",
         action="append",
@@ -148,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.set_defaults(fn=cmd_export)
     args = parser.parse_args(argv)
-    args.fn(args)
+    with exit_on_user_error():
+        args.fn(args)
 
 
 if __name__ == "__main__":

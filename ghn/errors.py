@@ -1,4 +1,4 @@
-"""User errors: the one exception type the command lines print as one line.
+"""User errors: the one exception type the command lines print as a message alone.
 
 A `GHNError` is a problem with the user's input (a config key, an
 architecture name, a missing dataset, a corrupt checkpoint) whose message
@@ -19,8 +19,9 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from absl import app, flags
+from ml_collections.config_flags import config_flags as ml_config_flags
 
-# argparse's and getopt tools' status for a bad command line; 1 stays a crash's.
+# argparse's status for a bad command line; 1 stays that of a crash (with a traceback).
 USER_ERROR_EXIT = 2
 
 
@@ -34,7 +35,7 @@ class ConfigError(GHNError, ValueError):
 
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Turns a `GHNError` into `error: <message>` on stderr and exit status 2."""
+    """Turns a `GHNError` into `error: <message>` on stderr and exit status `USER_ERROR_EXIT`."""
     try:
         yield
     except GHNError as e:
@@ -43,27 +44,46 @@ def exit_on_user_error() -> Iterator[None]:
 
 
 def run_absl(main) -> None:
-    """`absl.app.run(main)` with user errors, in flags or in `main`, as one line each.
+    """`absl.app.run(main)` with user errors, in flags or in `main`, as `error:` lines.
 
-    absl prints its own flag errors ("FATAL Flags parsing error", status 1) and
+    absl prints its own flag errors ("FATAL Flags parsing error", status 1),
     lets ml_collections' errors for a misspelled `--config.key` escape as an
-    AttributeError or KeyError traceback; both become a `ConfigError` here.
+    AttributeError or KeyError traceback, and defers a missing config file's
+    error to a traceback inside the run; all become a `ConfigError` here.
     """
     with exit_on_user_error():
         app.run(main, flags_parser=parse_flags)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's flag parsing, its errors and bad `--config.` override keys raised as `ConfigError`."""
+    """absl's flag parsing (an `app.run` flags_parser) raising `ConfigError` for bad flags,
+    `--config.` override keys and config files."""
     try:
-        return flags.FLAGS(list(argv))
+        rest = flags.FLAGS(list(argv))
     except flags.Error as e:
-        raise ConfigError(f"{e}. `--helpshort` lists the flags.") from None
+        raise ConfigError(f"{e} (`--helpshort` lists the flags)") from None
     except (AttributeError, KeyError, IndexError) as e:
         # Only a lookup of an override's path; the same types raised elsewhere are bugs.
         if not _raised_in(e, "ml_collections/config_flags/config_path.py"):
             raise
         raise ConfigError(_unknown_key_message(e, argv)) from None
+    _check_config_files()
+    return rest
+
+
+def _check_config_files() -> None:
+    # ml_collections defers a config file's OSError (e.g. a wrong path) to the
+    # config's first use, deep inside the run; any attribute read raises it.
+    for name in flags.FLAGS:
+        flag = flags.FLAGS[name]
+        if not ml_config_flags.is_config_flag(flag):
+            continue
+        try:
+            getattr(flag.value, "probe_for_a_load_error", None)
+        except OSError as e:
+            reason = str(e).strip().splitlines()[-1].strip()
+            path = ml_config_flags.get_config_filename(flag)
+            raise ConfigError(f"--{name}={path} could not be loaded: {reason}") from None
 
 
 def _raised_in(e: BaseException, filename: str) -> bool:
@@ -92,4 +112,3 @@ def _unknown_key_message(e: BaseException, argv: Sequence[str]) -> str:
         "config file sets; ghn/train/config.py (base_config) lists every key with its "
         "default. To add a field to a dict such as archs.ranges, set it in a config file."
     )
-

@@ -59,7 +59,7 @@ class Recipe:
 
     def __post_init__(self):
         if self.steps < 0 or self.num_points < 1 or self.batch_size < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"Recipe needs steps >= 0, num_points >= 1 and batch_size >= 1, got {self}"
             )
 
@@ -94,7 +94,7 @@ class Setup:
         """Your own data: two `ghn.data` datasets (e.g. `ghn.data.ImageDataset(...)` or
         `ghn.data.split_images(...)`); text needs `seq_len`."""
         if train.kind != validation.kind:
-            raise ValueError(f"train is {train.kind} data but validation is {validation.kind}")
+            raise ConfigError(f"train is {train.kind} data but validation is {validation.kind}")
         return cls(task_of(train, seq_len), train, validation)
 
     @classmethod
@@ -485,7 +485,7 @@ def mix_with_random(predicted, random, a: float):
     the rank-r predicted matrices full rank.
     """
     if not 0.0 <= a <= 1.0:
-        raise ValueError(f"noise mix must be in [0, 1], got {a}")
+        raise ConfigError(f"noise mix must be in [0, 1], got {a}")
     keep = math.sqrt(1.0 - a * a)
 
     def mix(p, r):

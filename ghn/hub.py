@@ -2,6 +2,8 @@
 
     hyper = ghn.load("vit-mnist")           # shipped with the package
     hyper = ghn.load("runs/vit_mnist")      # a train.py workdir (its latest checkpoint)
+    ghn.checkpoints("runs/vit_mnist")       # [400, 800]: the steps it has checkpoints of
+    hyper = ghn.load("runs/vit_mnist", step=400)
     hyper = ghn.load("my_ghn/")             # a directory written by ghn.save
 
 An exported GHN is a directory with `ghn.json` (the `GHNConfig` and what it
@@ -22,8 +24,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ghn.checkpoint import Checkpointer, CheckpointError
-from ghn.errors import GHNError
+from ghn.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    drop_closed_loop_errors,
+    error_summary,
+)
+from ghn.errors import ConfigError, GHNError
 from ghn.hypernet import GHN, GHNConfig
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -31,7 +38,15 @@ FORMAT = 1
 
 
 class GHNNotFoundError(GHNError, FileNotFoundError):
-    """Neither a shipped GHN's name nor a directory holding a GHN."""
+    """Neither a shipped GHN's name nor a directory holding a GHN (or not the step asked for)."""
+
+
+class CorruptGHNError(GHNError, ValueError):
+    """A GHN directory or checkpoint whose record or parameters cannot be used."""
+
+
+class GHNExistsError(GHNError, FileExistsError):
+    """`save` into a directory that already holds a GHN."""
 
 
 def available() -> dict[str, dict[str, Any]]:
@@ -48,9 +63,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable ghn.json ({e})") from e
+        raise CorruptGHNError(
+            f"{path} is not a readable ghn.json ({e}); export the GHN again"
+        ) from e
     if record.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {record.get('format')!r}; this version reads {FORMAT}")
+        raise CorruptGHNError(
+            f"{path} has format {record.get('format')!r}; this version reads {FORMAT}: use the "
+            "ghn version that wrote it, or export the GHN again with this one"
+        )
     return record
 
 
@@ -87,9 +107,15 @@ def _build(config: GHNConfig, params: dict) -> GHN:
         try:
             x = np.asarray(_lookup(params, path))
         except (KeyError, IndexError, TypeError) as e:
-            raise ValueError(f"saved GHN parameters lack {where}, which the config needs") from e
+            raise CorruptGHNError(
+                f"saved GHN parameters lack {where}, which the config needs: the parameters "
+                "and the recorded GHNConfig come from different GHNs"
+            ) from e
         if tuple(x.shape) != tuple(a.shape):
-            raise ValueError(f"saved GHN parameter {where} has shape {x.shape}, config: {a.shape}")
+            raise CorruptGHNError(
+                f"saved GHN parameter {where} has shape {x.shape}, config: {a.shape}: the "
+                "parameters and the recorded GHNConfig come from different GHNs"
+            )
         leaves.append(jax.numpy.asarray(x, a.dtype))
     pure = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
     nnx.replace_by_pure_dict(state, pure)
@@ -100,7 +126,7 @@ def save(hyper: GHN, directory: str | os.PathLike, **metadata: Any) -> Path:
     """Writes `hyper` to `directory` (created; must not hold a GHN already)."""
     directory = Path(directory).absolute()
     if (directory / "ghn.json").exists():
-        raise FileExistsError(f"{directory} already holds a GHN; choose another directory")
+        raise GHNExistsError(f"{directory} already holds a GHN; choose another directory")
     directory.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(hyper, nnx.Param)))
     with ocp.StandardCheckpointer() as ckpt:
@@ -125,26 +151,44 @@ def _resolve(name_or_path: str | os.PathLike) -> Path:
     )
 
 
-def _from_workdir(workdir: Path, use_ema: bool) -> tuple[GHN, dict[str, Any]]:
-    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=1, async_save=False)
+def checkpoints(workdir: str | os.PathLike) -> list[int]:
+    """The steps of a train.py workdir's finished checkpoints, ascending.
+
+    Any of them is `load(workdir, step=...)`; how many a run keeps is its
+    `checkpoint.max_to_keep`.
+    """
+    path = Path(workdir).expanduser()
+    if not (path / "checkpoints").is_dir():
+        raise GHNNotFoundError(
+            f"{workdir} is not a train.py workdir: it has no checkpoints/ directory"
+        )
+    ckpt = Checkpointer.reader(path / "checkpoints")
     try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise CheckpointError(f"{workdir / 'checkpoints'} holds no finished checkpoint")
-        meta = ckpt.read_meta(step)
-        config = GHNConfig.from_json(meta["ghn_config"])
-        try:
-            out = ckpt.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore())
-            )
-        except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {workdir / 'checkpoints' / str(step)} could not be restored "
-                f"({type(e).__name__}: {e})"
-            ) from e
+        return ckpt.all_steps()
     finally:
         ckpt.close()
-    state = out["state"]
+
+
+def _from_workdir(workdir: Path, use_ema: bool, step: int | None) -> tuple[GHN, dict[str, Any]]:
+    ckpt = Checkpointer.reader(workdir / "checkpoints")
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise CheckpointError(
+                f"{workdir / 'checkpoints'} holds no finished checkpoint: let the run save one "
+                "(at its end, on SIGTERM, or every checkpoint.every steps)"
+            )
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise GHNNotFoundError(
+                f"{workdir} has no checkpoint of step {step}; it has steps {steps}"
+            )
+        meta = ckpt.read_meta(step)
+        config = GHNConfig.from_json(meta["ghn_config"])
+        state = ckpt.restore_as_saved(step)
+    finally:
+        ckpt.close()
     which = "ema" if use_ema and "ema" in state else "params"
     info = {"source": str(workdir), "step": step, "weights": which}
     config_path = workdir / "config.json"
@@ -154,29 +198,42 @@ def _from_workdir(workdir: Path, use_ema: bool) -> tuple[GHN, dict[str, Any]]:
 
 
 def load(
-    name_or_path: str | os.PathLike, *, use_ema: bool = True, with_info: bool = False
+    name_or_path: str | os.PathLike,
+    *,
+    step: int | None = None,
+    use_ema: bool = True,
+    with_info: bool = False,
 ) -> GHN | tuple[GHN, dict[str, Any]]:
     """A trained GHN: a shipped name (`available()`), an exported directory, or a workdir.
 
-    From a train.py workdir the latest checkpoint is read, its EMA parameters
-    when it has them and `use_ema`. `with_info=True` also returns the record of
-    what the GHN was trained on (its `ghn.json`, or the workdir's config).
+    From a train.py workdir the checkpoint of `step` is read (default: the
+    latest; `checkpoints(workdir)` lists them), its EMA parameters when it has
+    them and `use_ema`. `with_info=True` also returns the record of what the
+    GHN was trained on (its `ghn.json`, or the workdir's config and the step).
     """
     path = _resolve(name_or_path)
     if not (path / "ghn.json").is_file():
-        hyper, info = _from_workdir(path, use_ema)
+        hyper, info = _from_workdir(path, use_ema, step)
         return (hyper, info) if with_info else hyper
     record = _read_json(path / "ghn.json")
+    if step is not None:
+        trained = record.get("metadata", {}).get("train_step", "?")
+        raise ConfigError(
+            f"step={step} selects a checkpoint of a train.py workdir, but {name_or_path} is an "
+            f"exported GHN with one set of parameters (from training step {trained}); leave "
+            "step out, or load the workdir it was exported from"
+        )
     config = GHNConfig.from_json(record["ghn_config"])
     _, _, abstract = _abstract_params(config)
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+    drop_closed_loop_errors()
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(path.absolute() / "params", target)
     except Exception as e:
-        raise ValueError(
-            f"the parameters in {path / 'params'} could not be restored "
-            f"({type(e).__name__}: {e}); the directory is incomplete or corrupt"
+        raise CorruptGHNError(
+            f"the parameters in {path / 'params'} could not be restored ({error_summary(e)}); "
+            "the directory is incomplete or corrupt: export or save the GHN again"
         ) from e
     hyper = _build(config, params)
     info = {"source": str(path), **record}
@@ -191,9 +248,16 @@ def info(name_or_path: str | os.PathLike) -> dict[str, Any]:
     return load(path, with_info=True)[1]
 
 
-def export(workdir: str | os.PathLike, directory: str | os.PathLike, **metadata: Any) -> Path:
-    """A train.py workdir's latest GHN (EMA if any) as an exported GHN directory."""
-    hyper, found = load(workdir, with_info=True)
+def export(
+    workdir: str | os.PathLike,
+    directory: str | os.PathLike,
+    *,
+    step: int | None = None,
+    **metadata: Any,
+) -> Path:
+    """A train.py workdir's GHN (EMA if any) as an exported GHN directory: that of
+    checkpoint `step`, by default the latest."""
+    hyper, found = load(workdir, step=step, with_info=True)
     train_config = found.get("train_config", {})
     record = {
         "train_step": found["step"],

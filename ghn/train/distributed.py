@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from ghn._compat import coordination_client
+from ghn.errors import ConfigError
 from ghn.sharding import largest_axis_sharding
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,12 @@ def initialize_distributed(
         if num_processes == 1 and process_id in (None, 0):
             return False
         if None in explicit:
-            raise ValueError(
+            raise ConfigError(
                 "give all of coordinator_address, num_processes and process_id (or none, to "
                 f"auto-detect), got {coordinator_address=}, {num_processes=}, {process_id=}"
             )
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"need 0 <= process_id < num_processes, got {process_id}")
+            raise ConfigError(f"need 0 <= process_id < num_processes, got {process_id}")
         _multi_process_settings(cpu_collectives)
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     else:
@@ -87,9 +88,9 @@ def make_mesh(num_data: int = -1, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices) if num_data == -1 else num_data
     if not 1 <= n <= len(devices):
-        raise ValueError(f"mesh.data={num_data}, but there are {len(devices)} devices")
+        raise ConfigError(f"mesh.data={num_data}, but there are {len(devices)} devices")
     if n != len(devices) and jax.process_count() > 1:
-        raise ValueError("a multi-process run must put every device on the mesh (mesh.data=-1)")
+        raise ConfigError("a multi-process run must put every device on the mesh (mesh.data=-1)")
     # Auto axes: shardings enter through jit's in/out shardings and GSPMD
     # propagates them, so the zoo's models need no sharding annotations.
     return jax.make_mesh((n,), (DATA,), (AxisType.Auto,), devices=devices[:n])

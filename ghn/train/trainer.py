@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from ghn.checkpoint import FORMAT, Checkpointer, CheckpointError, tree_digest
+from ghn.errors import ConfigError
 from ghn.tasks import check_archs, eval_batches, load_datasets, train_iterator
 from ghn.train import compile_cache
 from ghn.train.archs import ArchSampler
@@ -138,7 +139,7 @@ class Trainer:
             section, name = key.split(".")
             b = self.config[section][name]
             if b % n or b % p:
-                raise ValueError(
+                raise ConfigError(
                     f"{key}={b} must be divisible by the {n} devices on the mesh "
                     f"and the {p} processes"
                 )
