@@ -514,7 +514,8 @@ def test_mnist_csv_reader_rejects_wrong_width(tmp_path):
 
 
 def test_bpe_matches_huggingface_tokenizers(tmp_path):
-    hf = pytest.importorskip("tokenizers")
+    # A test extra (pyproject.toml): missing, this fails rather than skipping the BPE path.
+    import tokenizers as hf
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     train, val = text_lib.pydoc_corpus()

@@ -105,7 +105,7 @@ def test_layout_roundtrip():
     info = g.params["conv/kernel"]
     canon = info.to_canonical(kernel)
     assert canon.shape == (16, 3, 3, 3)
-    # canonical[o, i, h, w] == kernel[h, w, i, o]
+    # canonical[o, i, h, w] == kernel[h, w, i, o]; transposes copy values: bitwise.
     np.testing.assert_array_equal(canon[5, 2, 0, 1], kernel[0, 1, 2, 5])
     np.testing.assert_array_equal(info.from_canonical(canon), kernel)
     dense = g.params["head/kernel"]  # (in, out)

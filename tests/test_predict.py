@@ -11,6 +11,7 @@ import pytest
 from custom_models import Llama, MLPMixer, SmallCNN
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+from tolerances import assert_trees_close, predict_reduction
 
 import ghn
 from ghn import zoo
@@ -74,7 +75,9 @@ def test_abstract_model_needs_no_random_copy(hyper):
     concrete = spec.build(rngs=nnx.Rngs(1))
     a = hyper.predict(abstract, spec.input_spec())
     b = hyper.predict(concrete, spec.example_input())
-    chex.assert_trees_all_equal(a, b)  # a function of the architecture only
+    # A function of the architecture only: the same compiled program on the same GHN
+    # state and graph batch, on the same machine, so bitwise equal.
+    chex.assert_trees_all_equal(a, b)
     ghn.with_params(abstract, a)
     chex.assert_tree_all_finite(abstract(spec.example_input()))
 
@@ -164,8 +167,10 @@ def test_output_sharding(hyper):
     emb = auto["wte"]["embedding"][...]
     assert len(emb.sharding.device_set) == 8 and emb.sharding.spec == PartitionSpec("model", None)
     assert emb.addressable_shards[0].data.shape == (8, 32)
-    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(auto)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    # out_shardings make another program: XLA may partition the computation and sum in
+    # another order. Round-off along the whole prediction (encoder, decoder, A @ B).
+    n = predict_reduction(hyper, model, spec.input_spec())
+    assert_trees_close(auto, plain, reduction=n)
 
 
 def test_gradients_reach_every_ghn_parameter(hyper):
@@ -209,8 +214,9 @@ def test_decoder_variants_predict(overrides):
     assert 0.5 / math.sqrt(32) < float(jnp.std(fc)) < 2 / math.sqrt(32)
     emb = np.asarray(params["wte"]["embedding"][...])
     if overrides.get("decoder") == "tiled":
-        # The GHN-3 baseline repeats its 64-row chunk: what LoGAH avoids.
-        np.testing.assert_allclose(emb[:64], emb[64:128])
+        # The GHN-3 baseline repeats its 64-row chunk: what LoGAH avoids. Tiling copies
+        # the chunk and the rescaling multiplies equal values by one factor: bitwise.
+        np.testing.assert_array_equal(emb[:64], emb[64:128])
     else:
         assert numerical_rank(emb) <= hyper.config.rank
 
@@ -219,5 +225,9 @@ def test_fast_compile_gives_the_same_parameters(hyper):
     model, x = custom_models()["cnn"]
     a = hyper.predict(model, x)
     b = hyper.predict(model, x, fast_compile=True)
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-6)
+    # Two programs (XLA backend optimizations on and off) that differ in fusion, kernels
+    # and summation order at every stage: round-off along the whole prediction, i.e. the
+    # encoder's layers, the decoder MLP, Z = ReLU(M) W2, the normalization's sums over
+    # the matrix and the rank-r contraction A @ B (tolerances.ghn_reduction), against
+    # each parameter's max |value|.
+    assert_trees_close(b, a, reduction=predict_reduction(hyper, model, x))

@@ -80,5 +80,6 @@ def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_run(tmp_path):
     final_a, final_b = checkpoint_leaves(tmp_path / "a", STEPS), checkpoint_leaves(b, STEPS)
     assert final_a.keys() == final_b.keys()
     for k in final_a:
-        # Same programs (from the compilation cache), same data and architecture order.
+        # Same programs (from the compilation cache), same data and architecture order,
+        # on the same machine: bitwise, float round-off included.
         np.testing.assert_array_equal(final_b[k], final_a[k], err_msg=k)
