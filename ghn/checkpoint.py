@@ -46,6 +46,18 @@ def error_summary(e: Exception) -> str:
     return f"{type(e).__name__}: {text[:500]}{'...' if len(text) > 500 else ''}"
 
 
+class _UnreadRestoreErrors(logging.Filter):
+    """Drops asyncio's report of an Orbax read task whose error was never retrieved."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("Task exception was never retrieved")
+            and "orbax" in message
+            and "deserialize" in message
+        )
+
+
 def drop_closed_loop_errors() -> None:
     """Keeps a failed restore's error readable.
 
@@ -55,6 +67,11 @@ def drop_closed_loop_errors() -> None:
     tracebacks after one corrupt checkpoint), burying the real error. They
     arrive after the restore has raised, so the filter stays installed.
     """
+    # The failed reads' tasks are also garbage-collected with their exception unread,
+    # which asyncio logs ("Task exception was never retrieved", a traceback each).
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnreadRestoreErrors) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnreadRestoreErrors())
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_errors", False):
         return

@@ -12,7 +12,6 @@ the predicted parameters plus the GHN plus factors of size O(r * (rows + cols)).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ghn.cache import LRUCache
 from ghn.graph import Graph, ParamInfo, trace
 from ghn.hypernet.batch import GraphBatch, make_batch
 from ghn.hypernet.decoder import check_width
@@ -178,14 +178,22 @@ def predict_leaves(ghn, batch: GraphBatch, plan: Plan, graph_index: int = 0) -> 
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-@functools.lru_cache(maxsize=64)
-def _compiled(graphdef, plan: Plan, out_shardings, fast_compile: bool = False):
-    def run(state, batch):
-        ghn = nnx.merge(graphdef, state)
-        return tuple(predict_leaves(ghn, batch, plan))
+# Compiled prediction programs kept alive (~340 memory mappings each on CPU; see
+# ghn/cache.py). A sweep over more architectures recompiles the oldest, from
+# JAX's persistent cache when it is on.
+PROGRAMS: LRUCache = LRUCache(32)
 
-    options = FAST_COMPILE_OPTIONS if fast_compile else None
-    return jax.jit(run, out_shardings=out_shardings, compiler_options=options)
+
+def _compiled(graphdef, plan: Plan, out_shardings, fast_compile: bool = False):
+    def build():
+        def run(state, batch):
+            ghn = nnx.merge(graphdef, state)
+            return tuple(predict_leaves(ghn, batch, plan))
+
+        options = FAST_COMPILE_OPTIONS if fast_compile else None
+        return jax.jit(run, out_shardings=out_shardings, compiler_options=options)
+
+    return PROGRAMS.get_or_build((graphdef, plan, out_shardings, fast_compile), build)
 
 
 @dataclasses.dataclass
@@ -198,8 +206,8 @@ class Prepared:
     treedef: Any
 
 
-_PREPARED: dict[Any, Prepared] = {}
-_PREPARED_MAX = 64
+# Traced graphs and plans (host memory only).
+_PREPARED: LRUCache = LRUCache(64)
 
 
 def _input_key(inputs) -> tuple:
@@ -230,9 +238,7 @@ def prepare(model: nnx.Module, example_inputs: Sequence[Any], config) -> Prepare
     # (predict, meta-training, evaluation) goes through here first.
     check_fits(plan, config)
     prepared = Prepared(graph, make_batch([graph], config), plan, treedef)
-    if len(_PREPARED) >= _PREPARED_MAX:
-        _PREPARED.pop(next(iter(_PREPARED)))
-    _PREPARED[key] = prepared
+    _PREPARED.put(key, prepared)
     return prepared
 
 

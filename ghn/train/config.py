@@ -88,6 +88,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.nonfinite = "skip"  # a NaN/Inf loss or gradient: "skip" the update, or "stop"
     # "" -> $GHN_COMPILATION_CACHE or ~/.cache/ghn/xla; "off" disables it.
     c.compilation_cache_dir = ""
+    # Per-architecture programs kept compiled (least recently used dropped). Each
+    # holds ~2,000 memory mappings on CPU and Linux allows 65,530 per process.
+    c.program_cache_size = 16
 
     c.debug = ml_collections.ConfigDict()
     c.debug.nan_step = -1  # tests only: make the loss and gradients NaN at this step
@@ -148,4 +151,5 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.optim.grad_clip >= 0, "optim.grad_clip must be >= 0")
     need(config.eval.every >= 0 and config.checkpoint.every >= 0, "every must be >= 0")
     need(config.eval.num_heldout >= 0, "eval.num_heldout must be >= 0")
+    need(config.program_cache_size >= 1, "program_cache_size must be >= 1")
     ghn_config(config)  # GHNConfig's own checks

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from ghn.cache import LRUCache
 from ghn.hypernet import GHN, GHNConfig
 from ghn.hypernet.predict import Prepared, prepare
 from ghn.params import count_params
@@ -98,8 +99,10 @@ class Programs:
         fsdp: bool = False,
         fsdp_min_size: int = 2**16,
         nan_step: int = -1,
+        max_programs: int = 16,
     ):
-        """`tx` is `step.make_optimizer(...)`, `schedule` `step.schedule_hparams(...)`."""
+        """`tx` is `step.make_optimizer(...)`, `schedule` `step.schedule_hparams(...)`;
+        at most `max_programs` per-architecture programs stay compiled (LRU)."""
         self.ghn_config = ghn_config
         self.task = task
         self.mesh = mesh
@@ -127,7 +130,11 @@ class Programs:
         self.abstract_acc = jax.eval_shape(self._zeros_fn)
         self.acc_shardings = jax.tree.map(rule, self.abstract_acc)
         self._archs: dict[ArchSpec, Arch] = {}
+        # init, zeros, update: one each per run, kept.
         self._compiled: dict[tuple, Any] = {}
+        # Per-architecture train/eval programs: bounded (ghn/cache.py), or a broad pool
+        # exhausts the process's memory mappings.
+        self._arch_programs: LRUCache = LRUCache(max_programs)
         self._weights: dict[int, jax.Array] = {}
         self._flags = {b: put_replicated(np.asarray(b), self.replicated) for b in (False, True)}
         self._hparams = put_replicated(
@@ -149,6 +156,14 @@ class Programs:
         if compile_cache.persistent_cache_counts()["hits"] > before:
             self.stats.persistent_hits += 1
         return compiled
+
+    @property
+    def evictions(self) -> int:
+        """Per-architecture programs dropped from the bounded cache so far."""
+        return self._arch_programs.evictions
+
+    def _arch_cached(self, key: tuple, build: Callable[[], Any]):
+        return self._arch_programs.get_or_build(key, build)
 
     def _cached(self, key: tuple, build: Callable[[], Any]):
         hit = self._compiled.get(key)
@@ -241,7 +256,7 @@ class Programs:
                 "train", self.train_fn(spec), in_sh, self.acc_shardings, args, donate=(1,)
             )
 
-        return self._cached(key, build)(params, acc, arch.graph, batch, weight)
+        return self._arch_cached(key, build)(params, acc, arch.graph, batch, weight)
 
     def evaluate(self, spec: ArchSpec, params, batch) -> dict[str, jax.Array]:
         """Summed loss and metric numerator of predicted parameters (no fine-tuning)."""
@@ -258,7 +273,7 @@ class Programs:
             args = (params, arch.graph, batch)
             return self._compile("eval", fn, in_sh, self.replicated, args)
 
-        return self._cached(key, build)(params, arch.graph, batch)
+        return self._arch_cached(key, build)(params, arch.graph, batch)
 
     def _update_fn(self, state, acc, inject_nan, hparams):
         self.stats.traces["update"] += 1

@@ -99,6 +99,7 @@ class Trainer:
             fsdp=config.mesh.fsdp,
             fsdp_min_size=config.mesh.fsdp_min_size,
             nan_step=config.debug.nan_step,
+            max_programs=config.program_cache_size,
         )
         self.train_it = train_iterator(
             self.train_ds,
@@ -245,6 +246,7 @@ class Trainer:
             "compilations": stats.total(),
             "arch_compilations": stats.arch_compilations(),
             "persistent_cache_hits": stats.persistent_hits,
+            "evicted_programs": self.programs.evictions,
             "compile_s": stats.compile_s,
             "skipped": self.skipped,
         }

@@ -1,0 +1,79 @@
+"""Bounded caches of compiled programs: many architectures in one process stay within the
+process's memory-mapping limit."""
+
+import sys
+
+import jax
+import pytest
+from flax import nnx
+from test_train_common import tiny_config
+from test_train_tasks import evaluate_first_batch, programs_for
+
+import ghn
+from ghn import zoo
+from ghn.cache import LRUCache, mapping_count
+from ghn.hypernet import predict as predict_lib
+
+
+def test_lru_evicts_the_least_recently_used():
+    cache = LRUCache(2)
+    built = []
+
+    def build(k):
+        return lambda: built.append(k) or k.upper()
+
+    assert cache.get_or_build("a", build("a")) == "A"
+    cache.get_or_build("b", build("b"))
+    assert cache.get_or_build("a", build("a")) == "A"  # a hit: now the most recent
+    cache.get_or_build("c", build("c"))  # evicts b, not a
+    assert "a" in cache and "b" not in cache and "c" in cache
+    assert built == ["a", "b", "c"] and cache.evictions == 1
+    cache.resize(1)
+    assert len(cache) == 1 and "c" in cache and cache.evictions == 2
+    with pytest.raises(ValueError, match=">= 1"):
+        LRUCache(0)
+
+
+def tiny_gpt(i: int):
+    spec = zoo.GPT2Spec(depth=1, width=8 * (i + 1), num_heads=2, vocab_size=32, context_length=8)
+    return nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))), spec.input_spec()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/maps")
+def test_many_predicted_architectures_keep_the_mapping_count_bounded(monkeypatch):
+    # Measured: each compiled XLA:CPU prediction program holds ~340 mappings, and the
+    # cache used to keep all of them; Linux stops a process at 65,530.
+    monkeypatch.setattr(predict_lib, "PROGRAMS", LRUCache(2))
+    config = ghn.GHNConfig(d_model=16, num_layers=1, num_heads=2, rank=4, max_dim=512)
+    hyper = ghn.GHN(config, rngs=nnx.Rngs(0))
+    jax.block_until_ready(hyper.predict(*tiny_gpt(0)))
+    before = mapping_count()
+    jax.block_until_ready(hyper.predict(*tiny_gpt(1)))  # fills the cache: nothing evicted
+    per_program = mapping_count() - before
+    assert per_program > 20, per_program
+    full = mapping_count()
+    counts = []
+    for i in range(2, 12):
+        jax.block_until_ready(hyper.predict(*tiny_gpt(i)))
+        counts.append(mapping_count())
+    assert predict_lib.PROGRAMS.evictions == 10
+    # Ten more programs, each evicting one: unbounded, the count would grow by ~10x
+    # per_program; bounded, it stays within a program or two of the full cache's.
+    assert max(counts) - full < 3 * per_program, (full, counts, per_program)
+
+
+@pytest.mark.slow
+def test_meta_training_programs_are_bounded_and_recompiled_when_needed():
+    config = tiny_config()
+    programs = programs_for(config, max_programs=2)
+    mnist = dict(patch_size=7, image_size=28, in_channels=1, num_classes=10)
+    specs = [zoo.ViTSpec(depth=1, width=w, num_heads=2, **mnist) for w in (16, 24, 32)]
+    first = evaluate_first_batch(config, programs, specs[0])
+    for spec in specs[1:]:
+        evaluate_first_batch(config, programs, spec)
+    assert programs.stats.compilations["eval"] == 3 and programs.evictions == 1
+    # specs[0] was evicted: compiled again, with the same result (same program, same
+    # inputs, same machine: bitwise).
+    assert evaluate_first_batch(config, programs, specs[0]) == first
+    assert programs.stats.compilations["eval"] == 4
