@@ -5,10 +5,10 @@
 Hardware: 2 CPU cores suffice (a laptop or CI runner). Time: 2-4 minutes,
 about half of it compiling one XLA program per architecture (4 training + 3
 evaluation ViTs); a second run with the same compilation cache skips that.
-Measured on 2 cores: the task loss of the predicted ViTs falls from ~2.5 to
-~1.5 (training accuracy 0.11 -> 0.43) over the 800 steps. Four training
-architectures generalize little: held-out ViTs reach 0.12-0.34 accuracy with
-predicted parameters and no training. The shipped `vit-mnist` GHN is this
+Measured on 2 cores (3 min from a cold cache): the task loss of the predicted
+ViTs falls from ~2.5 to ~1.75 (training accuracy 0.10 -> 0.35) over the 800
+steps. Four training architectures generalize little: held-out ViTs reach
+0.10-0.26 accuracy with predicted parameters and no training. The shipped `vit-mnist` GHN is this
 config with 16 architectures and 4000 steps (`python -m ghn list` has the
 command): 0.57 on held-out ViTs.
 """
