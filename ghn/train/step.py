@@ -2,7 +2,8 @@
 
 One step, for a meta-batch of m architectures on one data batch:
 
-    for each architecture a:                                   (meta_grads)
+    for each architecture a:                        (meta_grads: meta_loss, or
+                                                     bucketed_meta_loss for a bucket)
         params_a = GHN(graph_a)                                 predict every weight
         loss_a   = task_loss(target_a(params_a), batch)         + wd * sum ||W||
         grads   += (1/m) * d loss_a / d GHN                     (accumulate)
@@ -24,8 +25,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ghn.hypernet import bucketed as hb
 from ghn.hypernet.predict import Plan, predict_leaves
 from ghn.tasks import Task
+from ghn.zoo import bucketed as zb
 
 
 def schedule_hparams(
@@ -130,9 +133,54 @@ def meta_loss(
     return task_loss + pred_weight_decay * reg, aux
 
 
-def meta_grads(ghn_params, graph, batch, **kwargs) -> dict[str, Any]:
-    """The loss, its parts and the GHN's gradients for one architecture (`meta_loss`' kwargs)."""
-    (loss, aux), grads = jax.value_and_grad(meta_loss, has_aux=True)(
+def bucketed_meta_loss(
+    ghn_params,
+    inputs_M,
+    batch,
+    *,
+    ghn_graphdef,
+    plan: hb.BucketPlan,
+    task: Task,
+    pred_weight_decay: float,
+    bf16: bool = False,
+):
+    """`meta_loss` averaged over a meta-batch of architectures of one bucket.
+
+    `inputs_M` is a stack of `ghn.hypernet.bucketed.ArchInputs` (leading axis M);
+    each architecture's parameters are predicted and run at the bucket's padded
+    shapes (padding holds exact zeros, so the regularizer and the loss are those of
+    the real architecture), all in one vmapped program.
+    """
+    ghn = nnx.merge(ghn_graphdef, ghn_params)
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+
+    def one(inputs):
+        params = hb.predict_padded(ghn, plan, inputs)
+        # One norm per real parameter, as `meta_loss`: a stacked leaf holds one per block.
+        top = {k: v for k, v in params.items() if k != "blocks"}
+        reg = sum(optax.safe_norm(x, 0.0) for x in jax.tree.leaves(top))
+        reg += sum(
+            jnp.sum(optax.safe_norm(x.reshape(x.shape[0], -1), 0.0, axis=1))
+            for x in jax.tree.leaves(params.get("blocks", {}))
+        )
+
+        def model(x):
+            return zb.forward(plan.bucket, params, inputs.target, x, dtype=dtype)
+
+        sums = task.sums(model, batch, dtype)
+        task_loss = sums["loss_sum"] / sums["count"]
+        metric = sums["metric_sum"] / sums["count"]
+        return task_loss + pred_weight_decay * reg, (task_loss, metric, reg)
+
+    loss_M, (task_M, metric_M, reg_M) = jax.vmap(one)(inputs_M)
+    aux = {"task_loss": jnp.mean(task_M), "metric": jnp.mean(metric_M), "reg": jnp.mean(reg_M)}
+    return jnp.mean(loss_M), aux
+
+
+def meta_grads(ghn_params, graph, batch, *, loss_fn=meta_loss, **kwargs) -> dict[str, Any]:
+    """The loss, its parts and the GHN's gradients (`loss_fn`: `meta_loss` for one
+    architecture, `bucketed_meta_loss` for a bucket's meta-batch; its kwargs)."""
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         ghn_params, graph, batch, **kwargs
     )
     return {"grads": grads, "loss": loss, **aux}
