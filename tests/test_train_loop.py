@@ -18,6 +18,7 @@ from test_train_common import (
 
 from ghn.train import CheckpointError, NonFiniteError, Trainer, read_metrics, run
 from ghn.train.distributed import make_mesh
+from ghn.zoo.pools import pools_of
 
 
 def params_of(trainer: Trainer, key: str = "params") -> dict[str, np.ndarray]:
@@ -25,12 +26,15 @@ def params_of(trainer: Trainer, key: str = "params") -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
 
 
-def test_run_writes_records_and_compiles_each_architecture_once(tmp_path):
-    config = tiny_config({"num_steps": 4, "eval.enabled": True})
+@pytest.mark.parametrize("bucketed", [True, False])
+def test_run_writes_records_and_compiles_each_architecture_once(tmp_path, bucketed):
+    config = tiny_config({"num_steps": 4, "eval.enabled": True, "archs.bucketed": bucketed})
     summary = run(config, tmp_path)
     assert summary["step"] == 4 and summary["skipped"] == 0
-    # One training architecture visited 8 times (meta-batch 2): one train program.
-    assert summary["traces"]["train"] == 1
+    # One training architecture visited 8 times (meta-batch 2): one train program, the
+    # bucket's (both architectures of a step in it) or the architecture's own.
+    assert summary["traces"]["bucket_train" if bucketed else "train"] == 1
+    assert summary["traces"].get("train" if bucketed else "bucket_train", 0) == 0
     assert summary["traces"]["update"] == 1
     assert summary["traces"]["eval"] == 1  # one held-out architecture
     assert summary["arch_compilations"] == 2
@@ -154,3 +158,21 @@ def test_sharded_step_equals_single_device_step(tmp_path):
 def test_mesh_rejects_more_devices_than_exist():
     with pytest.raises(ValueError, match="devices"):
         make_mesh(16)
+
+
+def test_a_broader_pool_adds_no_training_programs(tmp_path):
+    # Six ViTs of one bucket (depth 1-2, width 16-32), two per step: the bucket's program
+    # for two architectures is the only training program, whatever the pool holds.
+    changes = {
+        "num_steps": 6,
+        "archs.pool_size": 6,
+        "archs.ranges.depth": (1, 2),
+        "checkpoint.enabled": False,
+    }
+    config = tiny_config(changes)
+    pool = set(pools_of(config).train)
+    assert len(pool) >= 4, pool  # several distinct architectures really are visited
+    summary = run(config, tmp_path)
+    assert summary["traces"].get("train", 0) == 0
+    assert summary["traces"]["bucket_train"] == 1
+    assert summary["arch_compilations"] == 1

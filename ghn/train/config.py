@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.archs.seed = 0
     c.archs.dataset = ""  # an architecture-dataset JSON; replaces sampler/ranges/pool_size
     c.archs.meta_batch_size = 8  # m architectures per step
+    # ViTs and GPT-2s of a bucket share one compiled program (padded shapes, masks;
+    # ghn.zoo.bucketed); other families, and False, compile one per architecture.
+    c.archs.bucketed = True
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "mnist5k"

@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -33,6 +33,7 @@ from flax import nnx
 
 from ghn.cache import LRUCache
 from ghn.hypernet import GHN, GHNConfig
+from ghn.hypernet import bucketed as hb
 from ghn.hypernet.predict import Prepared, prepare
 from ghn.params import count_params
 from ghn.tasks import Task
@@ -45,6 +46,7 @@ from ghn.train.distributed import (
     replicated,
 )
 from ghn.zoo import ArchSpec
+from ghn.zoo import bucketed as zb
 
 
 @dataclasses.dataclass
@@ -73,7 +75,7 @@ class Stats:
         return sum(self.compilations.values())
 
     def arch_compilations(self) -> int:
-        return self.compilations["train"] + self.compilations["eval"]
+        return sum(self.compilations[k] for k in ("train", "eval", "bucket_train"))
 
 
 def _shape_key(tree) -> tuple:
@@ -135,7 +137,9 @@ class Programs:
         # Per-architecture train/eval programs: bounded (ghn/cache.py), or a broad pool
         # exhausts the process's memory mappings.
         self._arch_programs: LRUCache = LRUCache(max_programs)
-        self._weights: dict[int, jax.Array] = {}
+        # Host arrays of bucketed architectures (index maps are padded-parameter sized).
+        self._bucket_inputs: LRUCache = LRUCache(256)
+        self._weights: dict[tuple[int, int], jax.Array] = {}
         self._flags = {b: put_replicated(np.asarray(b), self.replicated) for b in (False, True)}
         self._hparams = put_replicated(
             {k: np.float32(v) for k, v in self.hparams.items()}, self.replicated
@@ -233,10 +237,11 @@ class Programs:
 
         return fn
 
-    def weight(self, m: int) -> jax.Array:
-        if m not in self._weights:
-            self._weights[m] = put_replicated(np.float32(1.0 / m), self.replicated)
-        return self._weights[m]
+    def weight(self, m: int, k: int = 1) -> jax.Array:
+        """k / m on the devices: the share of k architectures in a meta-batch of m."""
+        if (m, k) not in self._weights:
+            self._weights[m, k] = put_replicated(np.float32(k / m), self.replicated)
+        return self._weights[m, k]
 
     def accumulate(self, spec: ArchSpec, params, acc, batch, weight) -> dict[str, Any]:
         """acc + weight * (loss, metrics and GHN gradients of `spec` on `batch`)."""
@@ -257,6 +262,63 @@ class Programs:
             )
 
         return self._arch_cached(key, build)(params, acc, arch.graph, batch, weight)
+
+    def bucket_plan(self, specs: Sequence[ArchSpec]) -> hb.BucketPlan:
+        """The plan of the smallest bucket holding `specs` (one bucket key); its slot sizes
+        come from the widest and the deepest of them."""
+        bucket = zb.smallest_bucket(specs)
+        extremes = {max(specs, key=lambda s: s.width), max(specs, key=lambda s: s.depth)}
+        return hb.make_bucket_plan(
+            bucket, sorted(extremes, key=str), self._input_spec, self.ghn_config
+        )
+
+    def _input_spec(self, spec: ArchSpec):
+        return self.task.input_spec(spec)
+
+    def bucket_inputs(self, plan: hb.BucketPlan, specs: Sequence[ArchSpec]) -> hb.ArchInputs:
+        """The stacked, replicated runtime description of `specs` (all of `plan`'s bucket)."""
+        each = []
+        for spec in specs:
+            hit = self._bucket_inputs.get((plan, spec))
+            if hit is None:
+                hit = hb.arch_inputs(plan, spec, self._input_spec(spec), self.ghn_config)
+                self._bucket_inputs.put((plan, spec), hit)
+            each.append(hit)
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *each)
+        return put_replicated(stacked, self.replicated)
+
+    def accumulate_bucket(
+        self, plan: hb.BucketPlan, specs: Sequence[ArchSpec], params, acc, batch, weight
+    ) -> dict[str, Any]:
+        """acc + weight * (mean loss, metrics and GHN gradients of `specs` on `batch`), all
+        in the one program of (`plan`, len(specs), batch shape), whatever the specs are."""
+        inputs = self.bucket_inputs(plan, specs)
+        key = ("bucket_train", plan, len(specs), _shape_key(batch))
+        kwargs = dict(
+            ghn_graphdef=self.ghn_graphdef,
+            plan=plan,
+            task=self.task,
+            pred_weight_decay=self.pred_weight_decay,
+            bf16=self.bf16,
+            loss_fn=step.bucketed_meta_loss,
+        )
+
+        def fn(params, acc, inputs, batch, weight):
+            self.stats.traces["bucket_train"] += 1
+            return step.accumulate(acc, step.meta_grads(params, inputs, batch, **kwargs), weight)
+
+        def build():
+            in_sh = (
+                self.param_shardings,
+                self.acc_shardings,
+                self.replicated,
+                self.data_sharding,
+                self.replicated,
+            )
+            args = (params, acc, inputs, batch, weight)
+            return self._compile("bucket_train", fn, in_sh, self.acc_shardings, args, donate=(1,))
+
+        return self._arch_cached(key, build)(params, acc, inputs, batch, weight)
 
     def evaluate(self, spec: ArchSpec, params, batch) -> dict[str, jax.Array]:
         """Summed loss and metric numerator of predicted parameters (no fine-tuning)."""

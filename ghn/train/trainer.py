@@ -33,6 +33,7 @@ from ghn.train.config import dataset_kwargs, ghn_config, optimizer, validate
 from ghn.train.distributed import all_processes_agree, barrier, local_array, make_mesh
 from ghn.train.metrics import MetricWriter, versions, write_json
 from ghn.train.programs import Programs
+from ghn.zoo import bucketed as zb
 from ghn.zoo.pools import pools_of
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ class Trainer:
         largest = max(self.pools.train, key=lambda s: s.num_params())
         for spec in [largest, *self.pools.heldout, *self.pools.larger]:
             self.programs.arch(spec)
+        self.plans = self._bucket_plans() if config.archs.bucketed else {}
         self.state = self._restore_or_init()
         # Only once the workdir's checkpoint (if any) accepted this config.
         if self.is_main:
@@ -321,16 +323,48 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
+    def _bucket_plans(self) -> dict:
+        """Training architecture -> its bucket's plan, for the families that have one.
+
+        One bucket per `ghn.zoo.bucketed.bucket_key` (the fields that fix shapes
+        outright: patch and image size, classes, vocabulary, ...), as small as the
+        pool allows; the number of programs depends on these keys, not on the pool size.
+        """
+        groups: dict[tuple, list] = {}
+        for spec in dict.fromkeys(self.pools.train):
+            if zb.supports(spec):
+                groups.setdefault(zb.bucket_key(spec), []).append(spec)
+        plans = {}
+        for specs in groups.values():
+            plan = self.programs.bucket_plan(specs)
+            plans.update(dict.fromkeys(specs, plan))
+        return plans
+
     def step_once(self, step: int):
         """One meta-training step: the next architectures on the next data batch, their
         gradients accumulated, one update. Returns (specs, accumulated gradients and
-        losses, the update's metrics); metrics stay on the devices until fetched."""
+        losses, the update's metrics); metrics stay on the devices until fetched.
+
+        Architectures of one bucket run together in that bucket's program; the others
+        in their own per-architecture programs.
+        """
         specs = self.sampler.next()
         batch = self.programs.global_batch(next(self.train_it))
-        weight = self.programs.weight(len(specs))
+        m = len(specs)
         acc = self.programs.zeros()
+        by_plan: dict = {}
         for spec in specs:
-            acc = self.programs.accumulate(spec, self.state["params"], acc, batch, weight)
+            plan = self.plans.get(spec)
+            if plan is None:
+                weight = self.programs.weight(m)
+                acc = self.programs.accumulate(spec, self.state["params"], acc, batch, weight)
+            else:
+                by_plan.setdefault(plan, []).append(spec)
+        for plan, group in by_plan.items():
+            weight = self.programs.weight(m, len(group))
+            acc = self.programs.accumulate_bucket(
+                plan, group, self.state["params"], acc, batch, weight
+            )
         self.state, metrics = self.programs.update(self.state, acc, step)
         return specs, acc, metrics
 
