@@ -39,9 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.archs.meta_batch_size = 8  # m architectures per step
     # True: ViTs and GPT-2s of a bucket share one compiled program (padded shapes,
     # masks; ghn.zoo.bucketed); other families compile one per architecture, as all
-    # do with False. Off by default until its meta-gradient matches the
-    # per-architecture one (losses agree to round-off; gradients differ by ~1e-4 of
-    # their norm, tests/test_train_loop.py).
+    # do with False. Off by default until its meta-gradient is pinned to the
+    # per-architecture one at trainer scale (losses agree to round-off; measured
+    # gradients differ by ~1e-4 of their norm, above this step's program-to-program
+    # spread).
     c.archs.bucketed = False
 
     c.data = ml_collections.ConfigDict()
