@@ -75,25 +75,6 @@ class BucketPlan:
         raise KeyError(path)
 
 
-def _flatten(tree, prefix: Path = ()) -> dict[Path, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, (*prefix, k)))
-        return out
-    return {prefix: tree}
-
-
-def _unflatten(flat: dict[Path, Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
-
-
 @dataclasses.dataclass
 class _Real:
     """Host-side description of one architecture's real parameters."""
@@ -108,7 +89,7 @@ def _describe(spec: ArchSpec, input_spec, config) -> _Real:
     model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
     prepared = prepare(model, (input_spec,), config)
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    tree_paths = [p for p in _flatten(pure)]
+    tree_paths = [p for p in zb.flatten_tree(pure)]
     plan = prepared.plan
     decode: list[tuple | None] = [None] * len(plan.infos)
     for group in plan.groups:
@@ -139,7 +120,7 @@ def make_bucket_plan(bucket: zb.Bucket, specs: Sequence[ArchSpec], input_spec, c
     """The static plan of `bucket`; `specs` must include the bucket's largest
     architectures (slot sizes are their maxima). `input_spec(spec)` gives the
     example input each architecture is traced with."""
-    shapes = _flatten(zb.padded_shapes(bucket))
+    shapes = zb.flatten_tree(zb.padded_shapes(bucket))
     sizes: dict[Path, list] = {}  # padded leaf -> [kind, rows, cols, max slot count]
     num_nodes = 0
     for spec in specs:
@@ -223,8 +204,8 @@ def arch_inputs(plan: BucketPlan, spec: ArchSpec, input_spec, config) -> ArchInp
             )
             canon = base + (o * kh + h) * leaf.cols + (i * kw + w)
         index_tree[tree_path] = info.from_canonical(canon.reshape(c_out, c_in, kh, kw))
-    padded = zb.embed_params(plan.bucket, spec, _unflatten(index_tree), fill=-1)
-    maps = {"/".join(map(str, p)): v.astype(np.int32) for p, v in _flatten(padded).items()}
+    padded = zb.embed_params(plan.bucket, spec, zb.unflatten_tree(index_tree), fill=-1)
+    maps = {"/".join(map(str, p)): v.astype(np.int32) for p, v in zb.flatten_tree(padded).items()}
     graph = make_batch([real.prepared.graph], config, buckets=(plan.num_nodes,))
     target = zb.arch_arrays(plan.bucket, spec)
     return ArchInputs(graph, node, rows, cols, scale, center, vrow, maps, target)
@@ -269,7 +250,7 @@ def predict_padded(ghn, plan: BucketPlan, inputs: ArchInputs) -> dict:
         key = "/".join(map(str, leaf.path))
         m = inputs.maps[key]
         flat[leaf.path] = jnp.where(m >= 0, buffer[jnp.maximum(m, 0)], 0.0)
-    return _unflatten(flat)
+    return zb.unflatten_tree(flat)
 
 
 def slot_dims(plan: BucketPlan) -> dict[str, tuple[int, int]]:

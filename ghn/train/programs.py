@@ -162,6 +162,17 @@ class Programs:
         return compiled
 
     @property
+    def _train_in_shardings(self) -> tuple:
+        """(GHN params, accumulator, graph or arch inputs, data batch, weight)."""
+        return (
+            self.param_shardings,
+            self.acc_shardings,
+            self.replicated,
+            self.data_sharding,
+            self.replicated,
+        )
+
+    @property
     def evictions(self) -> int:
         """Per-architecture programs dropped from the bounded cache so far."""
         return self._arch_programs.evictions
@@ -249,13 +260,7 @@ class Programs:
         key = ("train", spec, _shape_key(batch))
 
         def build():
-            in_sh = (
-                self.param_shardings,
-                self.acc_shardings,
-                self.replicated,
-                self.data_sharding,
-                self.replicated,
-            )
+            in_sh = self._train_in_shardings
             args = (params, acc, arch.graph, batch, weight)
             return self._compile(
                 "train", self.train_fn(spec), in_sh, self.acc_shardings, args, donate=(1,)
@@ -308,13 +313,7 @@ class Programs:
             return step.accumulate(acc, step.meta_grads(params, inputs, batch, **kwargs), weight)
 
         def build():
-            in_sh = (
-                self.param_shardings,
-                self.acc_shardings,
-                self.replicated,
-                self.data_sharding,
-                self.replicated,
-            )
+            in_sh = self._train_in_shardings
             args = (params, acc, inputs, batch, weight)
             return self._compile("bucket_train", fn, in_sh, self.acc_shardings, args, donate=(1,))
 

@@ -329,7 +329,8 @@ def _size(ax: str | int, sizes: Mapping[str, int]) -> int:
     return sizes[ax] if isinstance(ax, str) else ax
 
 
-def _unflatten(flat: Mapping[Path, Any]) -> dict:
+def unflatten_tree(flat: Mapping[Path, Any]) -> dict:
+    """{(k1, k2, ...): leaf} -> nested dicts (the inverse of `flatten_tree`)."""
     tree: dict = {}
     for path, leaf in flat.items():
         node = tree
@@ -339,19 +340,20 @@ def _unflatten(flat: Mapping[Path, Any]) -> dict:
     return tree
 
 
-def _flatten(tree: Any, prefix: Path = ()) -> dict[Path, Any]:
+def flatten_tree(tree: Any, prefix: Path = ()) -> dict[Path, Any]:
+    """Nested dicts (a pure-dict parameter tree) -> {(k1, k2, ...): leaf}."""
     if not isinstance(tree, Mapping):
         return {prefix: tree}
     flat: dict[Path, Any] = {}
     for k, v in tree.items():
-        flat.update(_flatten(v, (*prefix, k)))
+        flat.update(flatten_tree(v, (*prefix, k)))
     return flat
 
 
 def padded_shapes(bucket: Bucket, dtype=jnp.float32) -> dict:
     """The padded parameter tree of `bucket`, as `jax.ShapeDtypeStruct`s."""
     sizes = _bucket_sizes(bucket)
-    return _unflatten(
+    return unflatten_tree(
         {
             path: jax.ShapeDtypeStruct(tuple(_size(a, sizes) for a in _axes(s, g)), dtype)
             for path, (s, g) in _layout(bucket).items()
@@ -385,7 +387,7 @@ def embed_params(bucket: Bucket, spec: ArchSpec, params: Mapping, fill: Any = 0)
     fill=-1 give gather maps).
     """
     _check_fits(bucket, spec)
-    flat = {p: np.asarray(v) for p, v in _flatten(params).items()}
+    flat = {p: np.asarray(v) for p, v in flatten_tree(params).items()}
     items = list(_real_items(bucket, spec))
     expected = {real for _, real, _, _, _ in items}
     missing, unexpected = expected - set(flat), set(flat) - expected
@@ -394,7 +396,7 @@ def embed_params(bucket: Bucket, spec: ArchSpec, params: Mapping, fill: Any = 0)
             f"params do not match {spec.name}'s parameter tree: missing "
             f"{sorted(map(_fmt, missing))}, unexpected {sorted(map(_fmt, unexpected))}"
         )
-    shapes = {p: s.shape for p, s in _flatten(padded_shapes(bucket)).items()}
+    shapes = {p: s.shape for p, s in flatten_tree(padded_shapes(bucket)).items()}
     out: dict[Path, np.ndarray] = {}
     for path, real, index, shape, split in items:
         value = flat[real]
@@ -407,19 +409,19 @@ def embed_params(bucket: Bucket, spec: ArchSpec, params: Mapping, fill: Any = 0)
                 f"{spec.name}'s blocks mix dtypes in {_fmt(path)}: {out[path].dtype}, {value.dtype}"
             )
         out[path][index] = value.reshape(split)
-    return _unflatten(out)
+    return unflatten_tree(out)
 
 
 def extract_params(bucket: Bucket, spec: ArchSpec, padded: Mapping) -> dict:
     """Inverse of `embed_params`: the real model's pure-dict params (NumPy) cut from `padded`."""
     _check_fits(bucket, spec)
-    flat = _flatten(padded)
+    flat = flatten_tree(padded)
     out = {}
     for path, real, index, shape, _ in _real_items(bucket, spec):
         if path not in flat:
             raise ValueError(f"padded params of {bucket.name} lack {_fmt(path)}")
         out[real] = np.asarray(flat[path])[index].reshape(shape)
-    return _unflatten(out)
+    return unflatten_tree(out)
 
 
 def _mask(axes: tuple[str | int, ...], arrays: Mapping[str, jax.Array]) -> jax.Array | None:
@@ -443,12 +445,12 @@ def param_masks(bucket: Bucket, arrays: Mapping[str, jax.Array]) -> dict:
         shape = tuple(_size(a, sizes) for a in axes)
         mask = _mask(axes, arrays)
         out[path] = jnp.ones(shape) if mask is None else jnp.broadcast_to(mask, shape)
-    return _unflatten(out)
+    return unflatten_tree(out)
 
 
 def _check_inputs(bucket: Bucket, padded_params: Mapping, arrays: Mapping) -> None:
-    want = {p: s.shape for p, s in _flatten(padded_shapes(bucket)).items()}
-    got = {p: tuple(np.shape(v)) for p, v in _flatten(padded_params).items()}
+    want = {p: s.shape for p, s in flatten_tree(padded_shapes(bucket)).items()}
+    got = {p: tuple(np.shape(v)) for p, v in flatten_tree(padded_params).items()}
     if want != got:
         diff = sorted(_fmt(p) for p in set(want) | set(got) if want.get(p) != got.get(p))
         raise ValueError(
@@ -580,13 +582,13 @@ def forward(
       and softmax run in float32; logits are returned in float32.
     """
     _check_inputs(bucket, padded_params, arrays)
-    flat = _flatten(padded_params)
+    flat = flatten_tree(padded_params)
     masked = {}
     for path, (stacked, groups) in _layout(bucket).items():
         mask = _mask(_axes(stacked, groups), arrays)
         value = flat[path] if mask is None else jnp.where(mask > 0, flat[path], 0)
         masked[path] = jnp.asarray(value).astype(dtype)
-    p = _unflatten(masked)
+    p = unflatten_tree(masked)
     if bucket.family == "vit":
         logits = _vit(bucket, p, arrays, x, dtype)
     else:
