@@ -1,17 +1,30 @@
-"""Meta-training throughput and compilations, with the persistent compilation cache cold and warm.
+"""Meta-training throughput and compilations: bucketed vs per-architecture programs.
 
-N steps over a zoo of K architectures (configs/vit_mnist.py with a pool of K
-ViTs, meta-batch m): every architecture is its own XLA program, compiled on
-first use. The same run is done twice, each in a fresh process: first with an
-empty persistent compilation cache ("cold"), then with the cache the first run
-filled ("warm"). Prints JSON lines: the machine, one line per run, and what the
-warm cache saved.
+Runs `configs/vit_mnist.py` (or `--config gpt2_text`) with its sampler's ranges
+broadened (`--ranges`, default: the 1-6 blocks, width 16-128 ViTs that used to
+crash a per-architecture run), for each requested pool size and/or the stream
+(a fresh architecture at every position), on one or both training paths.
+Every run is a fresh process; `--caches cold,warm` runs each setting with an
+empty persistent compilation cache, then again with the cache the cold run
+filled. Prints JSON lines: the machine, then one line per run:
 
-    python benchmarks/train_throughput.py [--archs 8] [--steps 24] [--meta-batch 1]
+  compilations / train_programs   XLA programs compiled (training programs only)
+  compile_s                       seconds compiling (cold or from the cache)
+  steady_*                        steps, architectures and samples per second over
+                                  the log windows in which nothing compiled
+  distinct_archs                  different architectures the run trained on
+  archs_in_30_min                 distinct architectures a 30-minute run would see:
+                                  steady archs/s over (1800 s - compile), capped by
+                                  the pool (a projection from the measured rates)
 
-Steady state is measured over the steps after the first epoch over the pool
-(by then every architecture is compiled): steps/s, samples/s, architectures/s.
+    python benchmarks/train_throughput.py --pools 8,100,1000,stream --paths bucketed,per_arch \
+        --steps 200 [--config gpt2_text] [--caches cold,warm]
+
+A per-architecture run over a big pool compiles one program per architecture
+it meets (~19 s each on 2 CPU cores), so `--per-arch-steps` caps its steps.
 """
+
+from __future__ import annotations
 
 import argparse
 import json
@@ -24,68 +37,78 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+RANGES = {
+    "vit_mnist": dict(depth=(1, 6), width=(16, 128), width_multiple=8, max_heads=4),
+    "gpt2_text": dict(depth=(1, 6), width=(16, 128), width_multiple=8),
+}
+
 CHILD = r"""
 import importlib.util, json, sys, tempfile, time
 t0 = time.perf_counter()
 from ghn.train import Trainer, read_metrics
 
-archs, steps, m, cache = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-spec = importlib.util.spec_from_file_location("vit_mnist", sys.argv[5])
+a = json.loads(sys.argv[1])
+spec = importlib.util.spec_from_file_location("config", a["config_file"])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 config = module.get_config()
-config.archs.pool_size = archs
-config.archs.meta_batch_size = m
-config.num_steps = steps
-# One log window per epoch over the pool: the first holds every compilation.
-config.log_every = max(archs // m, 1)
+config.archs.ranges.update(a["ranges"])
+config.archs.stream = a["pool"] == "stream"
+config.archs.pool_size = 100 if config.archs.stream else int(a["pool"])
+config.archs.bucketed = a["path"] == "bucketed"
+config.archs.meta_batch_size = a["meta_batch"]
+config.num_steps = a["steps"]
+config.log_every = a["log_every"]
 config.eval.enabled = False
 config.checkpoint.enabled = False
 config.progress_bar = False
 config.tensorboard = False
-config.compilation_cache_dir = cache
+config.compilation_cache_dir = a["cache"]
 workdir = tempfile.mkdtemp()
 trainer = Trainer(config, workdir)
+setup_s = time.perf_counter() - t0
 summary = trainer.train()
 trainer.close()
 wall = time.perf_counter() - t0
 train = [r for r in read_metrics(workdir) if r["split"] == "train"]
-steady = train[1:]
+# Steady: windows in which nothing compiled (the counter did not move).
+steady, before = [], 0
+for r in train:
+    if r["compilations"] == before:
+        steady.append(r)
+    before = r["compilations"]
 steady_s = sum(config.log_every / r["steps_per_s"] for r in steady)
 steady_steps = config.log_every * len(steady)
 stats = trainer.programs.stats
+m = config.archs.meta_batch_size
+rate = steady_steps * m / steady_s if steady_s else 0.0
+pool = len(trainer.candidates)
 print(json.dumps({
     "wall_s": round(wall, 1),
+    "setup_s": round(setup_s, 1),
     "compile_s": round(stats.compile_s, 1),
-    "compile_s_by_program": {k: round(v, 1) for k, v in stats.compile_seconds.items()},
     "compilations": stats.total(),
-    "arch_compilations": stats.arch_compilations(),
-    "train_traces": summary["traces"].get("train", 0),
+    "train_programs": summary["traces"].get("train", 0) + summary["traces"].get("bucket_train", 0),
     "persistent_cache_hits": stats.persistent_hits,
-    "steady_steps_per_s": round(steady_steps / steady_s, 2),
-    "steady_archs_per_s": round(steady_steps * m / steady_s, 2),
-    "steady_samples_per_s": round(steady_steps * config.data.batch_size / steady_s, 1),
+    "buckets": len(trainer.groups),
+    "candidates": pool,
+    "distinct_archs": train[-1]["distinct_archs"],
+    "steady_windows": len(steady),
+    "steady_steps_per_s": round(rate / m, 2),
+    "steady_archs_per_s": round(rate, 2),
+    "steady_samples_per_s": round(rate / m * config.data.batch_size, 1),
+    "archs_in_30_min": int(min(pool, max(0.0, 1800 - stats.compile_s) * rate)),
     "batch_size": config.data.batch_size,
-    "first_loss": train[0]["loss"],
     "last_loss": train[-1]["loss"],
 }))
 """
 
 
-def run_child(args, cache: str) -> dict:
+def run_child(setting: dict) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            str(args.archs),
-            str(args.steps),
-            str(args.meta_batch),
-            cache,
-            str(ROOT / "configs" / "vit_mnist.py"),
-        ],
+        [sys.executable, "-c", CHILD, json.dumps(setting)],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -98,31 +121,44 @@ def run_child(args, cache: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", type=int, default=8, help="K: architectures in the pool")
-    parser.add_argument("--steps", type=int, default=None, help="N (default 3K)")
-    parser.add_argument("--meta-batch", type=int, default=1, help="m: architectures per step")
+    parser.add_argument("--config", default="vit_mnist", choices=sorted(RANGES))
+    parser.add_argument("--pools", default="8,100,1000,stream", help="pool sizes and/or 'stream'")
+    parser.add_argument("--paths", default="bucketed,per_arch", help="bucketed and/or per_arch")
+    parser.add_argument("--steps", type=int, default=200, help="N steps per run")
+    parser.add_argument("--per-arch-steps", type=int, default=0, help="cap N for per_arch runs")
+    parser.add_argument("--meta-batch", type=int, default=2, help="m: architectures per step")
+    parser.add_argument("--log-every", type=int, default=10, help="steps per measured window")
+    parser.add_argument("--caches", default="cold", help="cold and/or warm")
+    parser.add_argument("--ranges", default="", help="JSON overriding the sampler ranges")
     args = parser.parse_args()
-    args.steps = args.steps or 3 * args.archs
-    if args.steps * args.meta_batch < 2 * args.archs:
-        raise SystemExit("need steps * meta-batch >= 2 * archs: one epoch to compile, one steady")
 
     from common import emit, machine
 
-    emit({"bench": "train_throughput", "machine": machine()})
-    setting = {"archs": args.archs, "steps": args.steps, "meta_batch": args.meta_batch}
-    with tempfile.TemporaryDirectory() as cache:
-        cold = run_child(args, cache)
-        emit({"bench": "train_throughput", "cache": "cold", **setting, **cold})
-        warm = run_child(args, cache)
-        emit({"bench": "train_throughput", "cache": "warm", **setting, **warm})
-    emit(
-        {
-            "bench": "train_throughput",
-            "warm_cache_saved_compile_s": round(cold["compile_s"] - warm["compile_s"], 1),
-            "warm_cache_saved_wall_s": round(cold["wall_s"] - warm["wall_s"], 1),
-            "same_losses": cold["last_loss"] == warm["last_loss"],
-        }
-    )
+    ranges = {**RANGES[args.config], **json.loads(args.ranges or "{}")}
+    emit({"bench": "train_throughput", "machine": machine(), "config": args.config})
+    for pool in args.pools.split(","):
+        for path in args.paths.split(","):
+            steps = args.steps
+            if path == "per_arch" and args.per_arch_steps:
+                steps = min(steps, args.per_arch_steps)
+            with tempfile.TemporaryDirectory() as cache:
+                for which in args.caches.split(","):
+                    setting = {
+                        "config": args.config,
+                        "config_file": str(ROOT / "configs" / f"{args.config}.py"),
+                        "ranges": ranges,
+                        "pool": pool,
+                        "path": path,
+                        "steps": steps,
+                        "meta_batch": args.meta_batch,
+                        "log_every": args.log_every,
+                        "cache": cache,
+                    }
+                    out = run_child(setting)
+                    setting = {
+                        k: v for k, v in setting.items() if k not in ("config_file", "cache")
+                    }
+                    emit({"bench": "train_throughput", "cache": which, **setting, **out})
 
 
 if __name__ == "__main__":

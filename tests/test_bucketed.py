@@ -382,3 +382,34 @@ def test_clear_errors():
         bk.forward(gpt_bucket, padded, arrays, jnp.zeros((2, 17), jnp.int32))
     with pytest.raises(ValueError, match="padded_shapes"):
         bk.forward(_bucket("gpt2-untied"), padded, arrays, jnp.zeros((2, 4), jnp.int32))
+
+
+def test_partition_cuts_along_the_head_width_and_lowers_the_padding():
+    specs = zoo.space(
+        "vits-1k", depth=(2, 4), width=(32, 128), width_multiple=16, max_heads=8, patch_size=4
+    )
+    specs += zoo.space("vits-1k", depth=2, width=(32, 64), width_multiple=32, patch_size=8)
+
+    def cost(groups):
+        return sum(len(g) * bk.padded_size(bk.smallest_bucket(g)) for g in groups)
+
+    one, three = bk.partition(specs, 1), bk.partition(specs, 3)
+    assert len(one) == 2  # one per bucket key (the patch sizes), whatever max_buckets
+    assert 2 < len(three) <= 6
+    for groups in (one, three):
+        listed = [s for g in groups for s in g]
+        assert len(listed) == len(set(listed)) and set(listed) == set(specs)  # each spec once
+        for g in groups:
+            assert len({bk.bucket_key(s) for s in g}) == 1
+    assert cost(three) < 0.75 * cost(one)
+    # Runs are cut along the head width: within a key, head widths of groups do not interleave.
+    key = bk.bucket_key(three[0][0])
+    ranges = [
+        (min(s.width // s.num_heads for s in g), max(s.width // s.num_heads for s in g))
+        for g in three
+        if bk.bucket_key(g[0]) == key
+    ]
+    assert all(hi < lo for (_, hi), (lo, _) in zip(ranges, ranges[1:])), ranges
+    assert bk.partition(reversed(specs), 3) == three  # deterministic, order-free
+    with pytest.raises(ValueError, match="max_buckets"):
+        bk.partition(specs, 0)

@@ -49,7 +49,10 @@ def start(config_file, workdir):
 
 @pytest.mark.slow
 def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_run(tmp_path):
-    changes = {"num_steps": STEPS, "archs.pool_size": 2, "checkpoint.every": 2}
+    # The stream (a fresh architecture at every position) over two buckets: the
+    # sampler's position and the bucket programs are what a resume must get right.
+    changes = {"num_steps": STEPS, "archs.stream": True, "archs.buckets": 2}
+    changes.update({"archs.ranges.depth": (1, 2), "checkpoint.every": 2})
     changes["checkpoint.async_save"] = True
     straight = write_config_file(tmp_path / "straight.py", changes)
     run_train(straight, tmp_path / "a")

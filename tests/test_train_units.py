@@ -17,7 +17,7 @@ from tolerances import assert_close
 from ghn import zoo
 from ghn.tasks import Task, check_archs, load_datasets
 from ghn.train import ArchSampler, base_config, make_schedule, pools_of, step, validate
-from ghn.train.archs import fingerprint
+from ghn.train.archs import GroupedSampler, StreamSampler, fingerprint
 from ghn.train.config import dataset_kwargs
 from ghn.train.distributed import fsdp_sharding, initialize_distributed, make_mesh
 
@@ -199,3 +199,48 @@ def test_apply_update_is_adamw_and_skips_non_finite_steps():
     # selects the old arrays, no arithmetic).
     chex.assert_trees_all_equal(poisoned["params"], new["params"])
     chex.assert_trees_all_equal(poisoned["opt"], new["opt"])
+
+
+def test_grouped_sampler_keeps_meta_batches_in_one_group_and_resumes():
+    pool = zoo.sample("vits-1k", 12, seed=0, depth=(2, 4), width=(32, 64))
+    groups = [pool[:3], pool[3:]]
+    a = GroupedSampler(groups, 2, seed=5)
+    batches = [a.next() for _ in range(40)]
+    for batch in batches:
+        assert set(batch) <= set(groups[0]) or set(batch) <= set(groups[1])
+    share = np.mean([set(b) <= set(groups[0]) for b in batches])
+    assert 0.05 < share < 0.6  # chosen by size: 3 of 12
+    b = GroupedSampler(groups, 2, seed=5)
+    for _ in range(7):
+        b.next()
+    c = GroupedSampler(groups, 2, seed=5)
+    c.restore(json.loads(json.dumps(b.state())))
+    assert [c.next() for _ in range(10)] == batches[7:17]
+    with pytest.raises(ValueError, match="pool"):
+        GroupedSampler([pool[:3], pool[3:11]], 2, seed=5).restore(b.state())
+
+
+def test_stream_sampler_draws_fresh_architectures_and_resumes():
+    ranges = dict(depth=(2, 6), width=(32, 128), width_multiple=8, max_heads=4)
+    heldout = zoo.sample("vits-1k", 2, seed=99, **ranges)
+
+    def draw(entropy):
+        return zoo.sample("vits-1k", 1, seed=entropy, **ranges)[0]
+
+    def group_of(spec):
+        return spec.depth % 2
+
+    a = StreamSampler(draw, 3, 4, exclude=heldout, group_of=group_of, fingerprint="f")
+    batches = [a.next() for _ in range(30)]
+    seen = [s for b in batches for s in b]
+    assert len(set(seen)) > 60  # fresh draws, not a small pool
+    assert not set(seen) & set(heldout)
+    assert all(len({group_of(s) for s in b}) == 1 for b in batches)
+    b = StreamSampler(draw, 3, 4, exclude=heldout, group_of=group_of, fingerprint="f")
+    for _ in range(11):
+        b.next()
+    c = StreamSampler(draw, 3, 4, exclude=heldout, group_of=group_of, fingerprint="f")
+    c.restore(json.loads(json.dumps(b.state())))
+    assert [c.next() for _ in range(5)] == batches[11:16]
+    with pytest.raises(ValueError, match="stream"):
+        StreamSampler(draw, 3, 4, fingerprint="g").restore(b.state())

@@ -543,3 +543,23 @@ def test_sample_command_errors(tmp_path, capsys):
         cli.main(["vits-1k", "--out", str(tmp_path / "a.json"), "--set", "depth"])
     assert "--set expects KEY=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "a.json").exists()
+
+
+@pytest.mark.parametrize(
+    "name, ranges",
+    [
+        ("vits-1k", dict(depth=(2, 4), width=(32, 96), width_multiple=16, max_heads=4)),
+        ("gpts-1k", dict(depth=(1, 3), width=(16, 64))),
+    ],
+)
+def test_space_lists_exactly_what_the_sampler_draws(name, ranges):
+    space = zoo.space(name, **ranges)
+    assert len(space) == len(set(space))
+    draws = zoo.sample(name, 4 * len(space) + 200, seed=3, **ranges)
+    # Every draw is listed, and (with this many draws) everything listed is drawn.
+    assert set(draws) == set(space)
+
+
+def test_space_of_cell_networks_is_an_error():
+    with pytest.raises(ValueError, match="too large to list"):
+        zoo.space("cnns-1k")

@@ -1,15 +1,19 @@
-"""The order a run visits its training architectures (`ghn.zoo.pools` draws them).
+"""The order a run visits its training architectures (`ghn.zoo.pools` draws pools).
 
-Each epoch over the pool is a permutation drawn from (seed, epoch). Every
-process computes the same pool and order, and the whole position is one
-integer, so a resumed run continues exactly.
+`ArchSampler`: each epoch over a fixed pool is a permutation drawn from (seed,
+epoch). `GroupedSampler`: the pool is split into groups (shape buckets) and
+every meta-batch comes from one group, chosen per step with probability
+proportional to its size, so a step runs one bucket's program. `StreamSampler`:
+no pool; position i of the run is a fresh draw from the sampler seeded with
+(seed, i). Every process computes the same order, and the position is a few
+integers in the checkpoint, so a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -65,9 +69,125 @@ class ArchSampler:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        mine = self.state()
-        wrong = [k for k in ("seed", "meta_batch_size", "pool") if state.get(k) != mine[k]]
-        if wrong:
-            detail = ", ".join(f"{k}: saved {state.get(k)}, now {mine[k]}" for k in wrong)
-            raise ValueError(f"architecture sampler state was saved with other settings ({detail})")
+        _check_same(state, self.state(), ("seed", "meta_batch_size", "pool"))
         self.index = int(state["index"])
+
+
+class GroupedSampler:
+    """Meta-batches of `m` architectures that all come from one of `groups`.
+
+    Step t picks group g with probability len(groups[g]) / pool size (drawn from
+    (seed, t)), then takes that group's next m architectures (an `ArchSampler` per
+    group), so each architecture is visited about as often as in `ArchSampler`.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[ArchSpec]], meta_batch_size: int, seed: int):
+        if not groups or not all(groups):
+            raise ValueError("every architecture group needs at least one architecture")
+        self.samplers = [ArchSampler(g, meta_batch_size, seed) for g in groups]
+        self.meta_batch_size = meta_batch_size
+        self.seed = seed
+        self.step = 0
+        sizes = np.asarray([len(g) for g in groups], np.float64)
+        self._p = sizes / sizes.sum()
+        self._fingerprint = fingerprint([s for g in groups for s in g])
+
+    def _group(self, step: int) -> int:
+        rng = np.random.default_rng([self.seed, 1, step])
+        return int(rng.choice(len(self._p), p=self._p))
+
+    def peek(self) -> list[ArchSpec]:
+        return self.samplers[self._group(self.step)].peek()
+
+    def next(self) -> list[ArchSpec]:
+        specs = self.samplers[self._group(self.step)].next()
+        self.step += 1
+        return specs
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "indices": [s.index for s in self.samplers],
+            "seed": self.seed,
+            "meta_batch_size": self.meta_batch_size,
+            "pool": self._fingerprint,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        _check_same(state, self.state(), ("seed", "meta_batch_size", "pool"))
+        if len(state["indices"]) != len(self.samplers):
+            raise ValueError("architecture sampler state was saved with other groups")
+        self.step = int(state["step"])
+        for sampler, index in zip(self.samplers, state["indices"], strict=True):
+            sampler.index = int(index)
+
+
+class StreamSampler:
+    """A fresh architecture at every position of the run: no pool.
+
+    Position i draws `draw(seed=(seed, i, j))` for j = 0, 1, ... until the draw is
+    not in `exclude` (the held-out architectures) and, for the 2nd..m-th
+    architectures of a meta-batch, lies in the same group (`group_of`) as the
+    first, so a step runs one bucket's program; each position's architecture is
+    still distributed as the sampler's draw. The state is the position.
+    """
+
+    def __init__(
+        self,
+        draw: Callable[[Sequence[int]], ArchSpec],
+        meta_batch_size: int,
+        seed: int,
+        *,
+        exclude: Sequence[ArchSpec] = (),
+        group_of: Callable[[ArchSpec], Any] = lambda spec: None,
+        fingerprint: str = "",
+        max_tries: int = 100_000,
+    ):
+        self.draw = draw
+        self.meta_batch_size = meta_batch_size
+        self.seed = seed
+        self.exclude = frozenset(exclude)
+        self.group_of = group_of
+        self.index = 0
+        self._fingerprint = fingerprint
+        self.max_tries = max_tries
+
+    def _at(self, i: int, group: Any = None, *, any_group: bool = False) -> ArchSpec:
+        for j in range(self.max_tries):
+            spec = self.draw((self.seed, i, j))
+            if spec not in self.exclude and (any_group or self.group_of(spec) == group):
+                return spec
+        raise ValueError(
+            f"the architecture stream found no draw for position {i} in {self.max_tries} tries "
+            "outside the held-out architectures (and in the first one's group): widen the ranges"
+        )
+
+    def peek(self) -> list[ArchSpec]:
+        first = self._at(self.index, any_group=True)
+        group = self.group_of(first)
+        rest = [self._at(self.index + k, group) for k in range(1, self.meta_batch_size)]
+        return [first, *rest]
+
+    def next(self) -> list[ArchSpec]:
+        specs = self.peek()
+        self.index += self.meta_batch_size
+        return specs
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "seed": self.seed,
+            "meta_batch_size": self.meta_batch_size,
+            "stream": self._fingerprint,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        _check_same(state, self.state(), ("seed", "meta_batch_size", "stream"))
+        self.index = int(state["index"])
+
+
+def _check_same(saved: dict[str, Any], mine: dict[str, Any], keys: Sequence[str]) -> None:
+    wrong = [k for k in keys if saved.get(k) != mine[k]]
+    if wrong:
+        detail = ", ".join(f"{k}: saved {saved.get(k)}, now {mine[k]}" for k in wrong)
+        raise ValueError(f"architecture sampler state was saved with other settings ({detail})")

@@ -37,13 +37,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.archs.seed = 0
     c.archs.dataset = ""  # an architecture-dataset JSON; replaces sampler/ranges/pool_size
     c.archs.meta_batch_size = 8  # m architectures per step
-    # True: ViTs and GPT-2s of a bucket share one compiled program (padded shapes,
-    # masks; ghn.zoo.bucketed); other families compile one per architecture, as all
-    # do with False. Off by default until its meta-gradient is pinned to the
-    # per-architecture one at trainer scale (losses agree to round-off; measured
-    # gradients differ by ~1e-4 of their norm, above this step's program-to-program
-    # spread).
-    c.archs.bucketed = False
+    # True: ViTs and GPT-2s of a bucket share one compiled training program (padded
+    # shapes, masks; ghn.zoo.bucketed); other families (and all, with False) compile
+    # one program per architecture. Same losses and, in float64, the same
+    # meta-gradients (tests/float64_gap.py); in float32 the gradients differ by
+    # ~1e-4 of their norm, as any two programs whose round-off flips the decoder's ReLUs.
+    c.archs.bucketed = True
+    # Buckets per group of architectures that share their fixed fields (patch and
+    # image size, vocabulary, ...), cut along the head width (ghn.zoo.bucketed.partition);
+    # a step's m architectures come from one bucket, so each bucket is one program.
+    c.archs.buckets = 4
+    # True: no pool; every position of the run is a fresh draw from the sampler
+    # (pool_size only sizes the draw the held-out architectures come from). Needs a
+    # sampler whose architectures can be listed (vits-1k, gpts-1k) for the buckets.
+    c.archs.stream = False
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "mnist5k"
@@ -151,6 +158,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.log_every >= 1, f"log_every must be >= 1, got {config.log_every}")
     need(config.archs.meta_batch_size >= 1, "archs.meta_batch_size must be >= 1")
     need(config.archs.pool_size >= 1, "archs.pool_size must be >= 1")
+    need(config.archs.buckets >= 1, "archs.buckets must be >= 1")
+    need(
+        not (config.archs.stream and config.archs.dataset),
+        "archs.stream draws from archs.sampler; it cannot be used with archs.dataset",
+    )
     need(config.data.batch_size >= 1, "data.batch_size must be >= 1")
     need(config.nonfinite in NONFINITE, f"nonfinite must be one of {NONFINITE}")
     need(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {config.ema_decay}")

@@ -28,13 +28,15 @@ from ghn.checkpoint import FORMAT, Checkpointer, CheckpointError, tree_digest
 from ghn.errors import ConfigError
 from ghn.tasks import check_archs, eval_batches, load_datasets, train_iterator
 from ghn.train import compile_cache
-from ghn.train.archs import ArchSampler
+from ghn.train.archs import ArchSampler, GroupedSampler, StreamSampler, fingerprint
 from ghn.train.config import dataset_kwargs, ghn_config, optimizer, validate
 from ghn.train.distributed import all_processes_agree, barrier, local_array, make_mesh
 from ghn.train.metrics import MetricWriter, versions, write_json
 from ghn.train.programs import Programs
 from ghn.zoo import bucketed as zb
 from ghn.zoo.pools import pools_of
+from ghn.zoo.samplers import sample, space
+from ghn.zoo.spec import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +81,13 @@ class Trainer:
             config.data.name, **dataset_kwargs(config)
         )
         self.pools = pools_of(config)
+        # What training can visit: the pool, or every architecture the stream can draw.
+        self.candidates = self._candidates()
         check_archs(
             self.task,
             self.train_ds,
-            [*self.pools.train, *self.pools.heldout, *self.pools.larger],
+            [*self.candidates, *self.pools.heldout, *self.pools.larger],
         )
-        self.sampler = ArchSampler(self.pools.train, config.archs.meta_batch_size, config.seed)
         self.ghn_config = ghn_config(config)
         tx, schedule = optimizer(config)
         self.programs = Programs(
@@ -122,10 +125,12 @@ class Trainer:
             )
         # Fail now, not hours in: the evaluation architectures and the largest
         # training one must fit the GHN (e.g. its max_dim).
-        largest = max(self.pools.train, key=lambda s: s.num_params())
+        largest = max(self.candidates, key=lambda s: s.num_params())
         for spec in [largest, *self.pools.heldout, *self.pools.larger]:
             self.programs.arch(spec)
-        self.plans = self._bucket_plans() if config.archs.bucketed else {}
+        self.groups, self.plans = self._bucket_plans() if config.archs.bucketed else ([], {})
+        self.sampler = self._sampler()
+        self._seen: set = set()
         self.state = self._restore_or_init()
         # Only once the workdir's checkpoint (if any) accepted this config.
         if self.is_main:
@@ -245,6 +250,7 @@ class Trainer:
             "steps_per_s": steps / elapsed,
             "archs_per_s": steps * cfg.archs.meta_batch_size / elapsed,
             "samples_per_s": steps * cfg.data.batch_size / elapsed,
+            "distinct_archs": len(self._seen),  # seen by this process
             "compilations": stats.total(),
             "arch_compilations": stats.arch_compilations(),
             "persistent_cache_hits": stats.persistent_hits,
@@ -323,22 +329,51 @@ class Trainer:
             for s, h in previous.items():
                 signal.signal(s, h)
 
-    def _bucket_plans(self) -> dict:
-        """Training architecture -> its bucket's plan, for the families that have one.
+    def _candidates(self) -> tuple:
+        archs = self.config.archs
+        if not archs.stream:
+            return self.pools.train
+        try:
+            return tuple(space(archs.sampler, **archs.ranges.to_dict()))
+        except SpecError as e:
+            raise ConfigError(f"archs.stream=True: {e}; use a pool (archs.stream=False)") from e
 
-        One bucket per `ghn.zoo.bucketed.bucket_key` (the fields that fix shapes
-        outright: patch and image size, classes, vocabulary, ...), as small as the
-        pool allows; the number of programs depends on these keys, not on the pool size.
+    def _bucket_plans(self) -> tuple[list, dict]:
+        """(groups of training architectures, architecture -> its group's bucket plan).
+
+        The bucketed families' candidates are cut into `archs.buckets` buckets per
+        bucket key (`ghn.zoo.bucketed.partition`); the number of programs depends on
+        these, not on the pool size. Other families keep per-architecture programs.
         """
-        groups: dict[tuple, list] = {}
-        for spec in dict.fromkeys(self.pools.train):
-            if zb.supports(spec):
-                groups.setdefault(zb.bucket_key(spec), []).append(spec)
+        bucketable = [s for s in self.candidates if zb.supports(s)]
+        groups = zb.partition(bucketable, self.config.archs.buckets)
         plans = {}
-        for specs in groups.values():
-            plan = self.programs.bucket_plan(specs)
-            plans.update(dict.fromkeys(specs, plan))
-        return plans
+        for group in groups:
+            plan = self.programs.bucket_plan(group)
+            plans.update(dict.fromkeys(group, plan))
+        return groups, plans
+
+    def _sampler(self):
+        archs, m, seed = self.config.archs, self.config.archs.meta_batch_size, self.config.seed
+        index = {spec: g for g, group in enumerate(self.groups) for spec in group}
+        if archs.stream:
+            ranges = archs.ranges.to_dict()
+
+            def draw(entropy):
+                return sample(archs.sampler, 1, seed=entropy, **ranges)[0]
+
+            return StreamSampler(
+                draw,
+                m,
+                seed,
+                exclude=self.pools.heldout,
+                group_of=index.get,
+                fingerprint=fingerprint(self.candidates + self.pools.heldout),
+            )
+        if len(self.groups) > 1 and all(s in index for s in self.pools.train):
+            pool = set(self.pools.train)
+            return GroupedSampler([[s for s in g if s in pool] for g in self.groups], m, seed)
+        return ArchSampler(self.pools.train, m, seed)
 
     def step_once(self, step: int):
         """One meta-training step: the next architectures on the next data batch, their
@@ -349,6 +384,7 @@ class Trainer:
         in their own per-architecture programs.
         """
         specs = self.sampler.next()
+        self._seen.update(specs)
         batch = self.programs.global_batch(next(self.train_it))
         m = len(specs)
         acc = self.programs.zeros()

@@ -18,7 +18,7 @@ from ghn.zoo.parse import parse_arch, parse_archs, parse_overrides
 from ghn.zoo.pools import Pools, make_pools
 from ghn.zoo.presets import get, presets
 from ghn.zoo.resnet import ResNetSpec
-from ghn.zoo.samplers import SAMPLERS, sample
+from ghn.zoo.samplers import SAMPLERS, sample, space
 from ghn.zoo.spec import ArchSpec, spec_from_json
 from ghn.zoo.vit import ViTSpec
 
@@ -39,6 +39,7 @@ __all__ = [
     "parse_overrides",
     "presets",
     "sample",
+    "space",
     "spec_from_json",
     "write_dataset",
 ]

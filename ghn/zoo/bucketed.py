@@ -361,6 +361,71 @@ def padded_shapes(bucket: Bucket, dtype=jnp.float32) -> dict:
     )
 
 
+_MAX_CUTS = 32
+
+
+def padded_size(bucket: Bucket) -> int:
+    """Elements of the padded parameter tree: what one architecture of `bucket` costs."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(padded_shapes(bucket)))
+
+
+def partition(specs: Iterable[ArchSpec], max_buckets: int = 1) -> list[tuple[ArchSpec, ...]]:
+    """`specs` (all `supports`-ed) split into groups that each get a bucket.
+
+    Specs of different `bucket_key`s never share a group. Within a key, the
+    distinct specs are ordered by (head width, width, depth) and cut into at most
+    `max_buckets` contiguous runs minimizing the summed padded size (each spec
+    costs its group's `padded_size`), over at most `_MAX_CUTS` evenly spaced
+    candidate cuts. The heads pad as H x A, so one bucket over a broad range pads
+    a 16-head ViT to the 1-head one's head width: vits-1k's 1,740 ViTs cost 30x
+    their real parameters in one bucket, 8.9x in 2, 5.9x in 4 (cutting along the
+    head width; ordering by each spec's own padded size instead: 22.7x in 2).
+    Deterministic.
+    """
+    if max_buckets < 1:
+        raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
+    by_key: dict[tuple, list[ArchSpec]] = {}
+    for spec in dict.fromkeys(specs):
+        by_key.setdefault(bucket_key(spec), []).append(spec)
+    groups: list[tuple[ArchSpec, ...]] = []
+    for key in sorted(by_key, key=str):
+        head = {s: _spec_sizes(s)["A"] for s in by_key[key]}
+        members = sorted(by_key[key], key=lambda s: (head[s], s.width, s.depth, str(s)))
+        n, k_max = len(members), min(max_buckets, len(members))
+        # Runs end only where the head width changes.
+        cuts = [i for i in range(1, n) if head[members[i]] != head[members[i - 1]]]
+        if len(cuts) > _MAX_CUTS:
+            cuts = [cuts[round(j * (len(cuts) - 1) / (_MAX_CUTS - 1))] for j in range(_MAX_CUTS)]
+        ends = [0, *cuts, n]
+        cost = {}
+        for a in range(len(ends)):
+            for b in range(a + 1, len(ends)):
+                run = members[ends[a] : ends[b]]
+                cost[a, b] = len(run) * padded_size(smallest_bucket(run))
+        # best[k][b]: cheapest split of ends[0]..ends[b] into k runs, and its last start.
+        inf = float("inf")
+        best = [[(inf, -1)] * len(ends) for _ in range(k_max + 1)]
+        best[0][0] = (0.0, -1)
+        for k in range(1, k_max + 1):
+            for b in range(1, len(ends)):
+                best[k][b] = min(
+                    (
+                        (best[k - 1][a][0] + cost[a, b], a)
+                        for a in range(b)
+                        if best[k - 1][a][0] < inf
+                    ),
+                    default=(inf, -1),
+                )
+        k = min(range(1, k_max + 1), key=lambda k: (best[k][-1][0], k))
+        runs, b = [], len(ends) - 1
+        while k > 0:
+            a = best[k][b][1]
+            runs.append(tuple(members[ends[a] : ends[b]]))
+            b, k = a, k - 1
+        groups.extend(reversed(runs))
+    return groups
+
+
 def _real_items(bucket: Bucket, spec: ArchSpec):
     """(padded path, real path, index into the padded array, real shape, split real shape)."""
     sizes = _spec_sizes(spec)

@@ -36,7 +36,7 @@ node. A genotype with no parametric op (only pools and identities) is redrawn.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,6 +81,8 @@ class Sampler:
     drawn: tuple[str, ...]
     draw_fn: Callable[[np.random.Generator, dict[str, Any]], dict[str, Any]]
     check_fn: Callable[[dict[str, Any]], None]
+    # Every draw `draw_fn` can make, for samplers whose space is small enough to list.
+    space_fn: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None
 
     def resolve(self, **overrides: Any) -> dict[str, Any]:
         """Every range and pass-through field, defaults filled in, validated."""
@@ -98,7 +100,14 @@ class Sampler:
         self.check_fn(cfg)
         return cfg
 
-    def __call__(self, n: int, *, seed: int = 0, **ranges: Any) -> list[ArchSpec]:
+    def space(self, **ranges: Any) -> list[ArchSpec]:
+        """Every architecture a draw with these ranges can give, in a fixed order."""
+        check(self.space_fn is not None, f"{self.name}'s architecture space is too large to list")
+        cfg = self.resolve(**ranges)
+        fixed = {k: v for k, v in cfg.items() if k not in self.ranges}
+        return [self.spec_cls(**fixed, **drawn) for drawn in self.space_fn(cfg)]
+
+    def __call__(self, n: int, *, seed: int | Sequence[int] = 0, **ranges: Any) -> list[ArchSpec]:
         check(n >= 0, f"n must be >= 0, got {n}")
         cfg = self.resolve(**ranges)
         fixed = {k: v for k, v in cfg.items() if k not in self.ranges}
@@ -162,6 +171,16 @@ def _draw_vit(rng: np.random.Generator, cfg: Mapping[str, Any]) -> dict[str, Any
     )
 
 
+def _vit_space(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [
+        dict(depth=d, width=w, num_heads=h, patch_size=int(p))
+        for d in range(cfg["depth"][0], cfg["depth"][1] + 1)
+        for w in _multiples(cfg["width"][0], vit_width_cap(d, cfg), cfg["width_multiple"])
+        for h in _vit_heads(w, cfg)
+        for p in cfg["patch_size"]
+    ]
+
+
 def _gpt_widths(cfg: Mapping[str, Any]) -> list[int]:
     lo, hi = cfg["width"]
     return [w for w in _multiples(lo, hi, cfg["width_multiple"]) if w % cfg["num_heads"] == 0]
@@ -176,6 +195,13 @@ def _check_gpts(cfg: dict[str, Any]) -> None:
 def _draw_gpt(rng: np.random.Generator, cfg: Mapping[str, Any]) -> dict[str, Any]:
     depth = int(rng.integers(cfg["depth"][0], cfg["depth"][1] + 1))
     return dict(depth=depth, width=_pick(rng, _gpt_widths(cfg)))
+
+
+def _gpt_space(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
+    widths = _gpt_widths(cfg)
+    return [
+        dict(depth=d, width=w) for d in range(cfg["depth"][0], cfg["depth"][1] + 1) for w in widths
+    ]
 
 
 def _check_cnns(cfg: dict[str, Any]) -> None:
@@ -237,6 +263,7 @@ SAMPLERS: dict[str, Sampler] = {
         drawn=("depth", "width", "num_heads", "patch_size"),
         draw_fn=_draw_vit,
         check_fn=_check_vits,
+        space_fn=_vit_space,
     ),
     "gpts-1k": Sampler(
         name="gpts-1k",
@@ -246,6 +273,7 @@ SAMPLERS: dict[str, Sampler] = {
         drawn=("depth", "width"),
         draw_fn=_draw_gpt,
         check_fn=_check_gpts,
+        space_fn=_gpt_space,
     ),
     "cnns-1k": Sampler(
         name="cnns-1k",
@@ -273,6 +301,14 @@ def get_sampler(name: str) -> Sampler:
     return SAMPLERS[name]
 
 
-def sample(name: str, n: int, *, seed: int = 0, **ranges: Any) -> list[ArchSpec]:
-    """`n` architectures from sampler `name`; see the module docstring for `ranges`."""
+def sample(name: str, n: int, *, seed: int | Sequence[int] = 0, **ranges: Any) -> list[ArchSpec]:
+    """`n` architectures from sampler `name`; see the module docstring for `ranges`.
+
+    `seed`: an int or a sequence of ints (NumPy's SeedSequence entropy).
+    """
     return get_sampler(name)(n, seed=seed, **ranges)
+
+
+def space(name: str, **ranges: Any) -> list[ArchSpec]:
+    """Every architecture `sample(name, ..., **ranges)` can draw (ViTs and GPT-2s only)."""
+    return get_sampler(name).space(**ranges)
