@@ -38,8 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 RANGES = {
-    "vit_mnist": dict(depth=(1, 6), width=(16, 128), width_multiple=8, max_heads=4),
-    "gpt2_text": dict(depth=(1, 6), width=(16, 128), width_multiple=8),
+    # 1,074 ViTs (1-10 blocks, width 16-144, 1-8 heads, patch 4 or 7); 144 x 7 fits K = 1024.
+    "vit_mnist": dict(
+        depth=(1, 10), width=(16, 144), width_multiple=8, max_heads=8, patch_size=(4, 7)
+    ),
+    # 372 GPT-2s (1-12 blocks, width 16-256, 8 heads): all that gpts-1k draws here.
+    "gpt2_text": dict(depth=(1, 12), width=(16, 256), width_multiple=8),
 }
 
 CHILD = r"""
@@ -52,7 +56,9 @@ spec = importlib.util.spec_from_file_location("config", a["config_file"])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 config = module.get_config()
-config.archs.ranges.update(a["ranges"])
+import ml_collections
+ranges = {k: tuple(v) if isinstance(v, list) else v for k, v in a["ranges"].items()}
+config.archs.ranges = ml_collections.ConfigDict({**config.archs.ranges.to_dict(), **ranges})
 config.archs.stream = a["pool"] == "stream"
 config.archs.pool_size = 100 if config.archs.stream else int(a["pool"])
 config.archs.bucketed = a["path"] == "bucketed"
@@ -60,6 +66,7 @@ config.archs.meta_batch_size = a["meta_batch"]
 config.num_steps = a["steps"]
 config.log_every = a["log_every"]
 config.eval.enabled = False
+config.eval.larger = ml_collections.ConfigDict()
 config.checkpoint.enabled = False
 config.progress_bar = False
 config.tensorboard = False

@@ -8,11 +8,20 @@ $GHN_DATA_DIR (`ghn.data` says where it looked and how to get it if missing).
 Hardware: one 80 GB GPU (A100/H100) or a TPU v4/v5 host; more hosts shard the
 batch (see README). Time: an estimate, not a measurement: ~100 epochs of
 50k images at 8 architectures per step is 39k steps, ~1 day on one H100,
-dominated by the 8 target forwards per step; compiling the 1,000
-architectures adds ~1-3 hours the first time and nothing on a rerun with the
-compilation cache. Expect held-out ViTs' predicted parameters to reach
-well above chance without any training, and to fine-tune faster than random
-init (eval.py).
+dominated by the 8 target forwards per step. Expect held-out ViTs' predicted
+parameters to reach well above chance without any training, and to fine-tune
+faster than random init (eval.py).
+
+Programs (bucketed path, the default): the 1,000 ViTs fall into 8 shape
+buckets, 4 per patch size, cut along the head width
+(`ghn.zoo.bucketed.partition`; the padded parameters are ~6x the real ones,
+against 30x for one bucket per patch size), and every step's 8 ViTs come from one
+bucket: 8 training programs in all, plus one evaluation program per bucket the
+20 held-out ViTs fall in and one for the larger ViT. Compiling them is an
+estimate of ~1 min each on a GPU (~10-15 min in all, not measured here: no
+GPU), where one program per architecture took ~1-3 hours; nothing on a rerun
+with the compilation cache. `--config.archs.stream=True` trains on a fresh
+draw from the same 1,740-ViT space at every step, with the same programs.
 
 Approximations of the paper's recipe: AdamW lr 4e-4, weight decay 1e-2,
 predicted-parameter decay 3e-5, clip 5, batch 128, meta-batch 8, cosine
@@ -41,6 +50,7 @@ def get_config(num_classes: int = 10) -> ml_collections.ConfigDict:
     )
     config.archs.pool_size = 1000
     config.archs.meta_batch_size = 8
+    config.archs.buckets = 8
 
     config.data.name = {10: "cifar10", 100: "cifar100"}[num_classes]
     config.data.eval_split = "test"

@@ -14,7 +14,10 @@ Float64 is reached by switching on x64 and pointing the `float32` names that
 the library casts to at run time at float64; the per-architecture plan's
 output dtypes too. Only for this process: the test runs it in a subprocess.
 
-    python tests/float64_gap.py [64|32]     # prints one JSON line
+    python tests/float64_gap.py [64|32] [smooth]     # prints one JSON line
+
+`smooth` replaces the decoder's ReLUs by softplus (a smooth function, for the
+ReLU-flip explanation above: in float32 the gap then falls to round-off size).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import types
 import jax
 
 X64 = (sys.argv[1] if len(sys.argv) > 1 else "64") == "64"
+SMOOTH = "smooth" in sys.argv[2:]
 jax.config.update("jax_enable_x64", X64)
 
 import jax.numpy as jnp  # noqa: E402
@@ -45,6 +49,8 @@ from ghn.zoo.pools import pools_of  # noqa: E402
 
 
 def main() -> dict:
+    if SMOOTH:  # the GHN's only ReLUs are the decoder's (the ViTs use GELU)
+        jax.nn.relu = jax.nn.softplus
     # The trainer's setting (tests/test_train_loop.py): three ViTs of depth 1-2 on
     # 28x28 digits, one bucket; the GHN is initialized in float32 as in training.
     config = tiny_config({"archs.pool_size": 3, "archs.ranges.depth": (1, 2)})

@@ -236,22 +236,37 @@ def test_stream_trains_fresh_architectures_with_one_program_per_bucket(tmp_path)
         "checkpoint.enabled": False,
         "eval.enabled": True,
     }
-    trainer = Trainer(tiny_config(changes), tmp_path)
+    config = tiny_config(changes)
+    trainer = Trainer(config, tmp_path)
     try:
         assert len(trainer.groups) == 2
         held = set(trainer.pools.heldout)
         assert held
         summary = trainer.train()
         seen = trainer._seen
+        # Held-out architectures of the stream's space are evaluated through a bucket's
+        # program; it gives the per-architecture evaluation's sums.
+        (spec,) = held
+        assert trainer._eval_plan(spec) is not None
+        batch = trainer._eval_batches[0]
+        params = trainer.state["params"]
+        got = trainer.programs.evaluate_bucket(trainer._eval_plan(spec), spec, params, batch)
+        want = trainer.programs.evaluate(spec, params, batch)
     finally:
         trainer.close()
     assert len(seen) >= 4 and not seen & held  # fresh draws, never a held-out one
     # One program per bucket a step used (a step's architectures share a bucket).
     assert 1 <= summary["traces"]["bucket_train"] <= 2
     assert summary["traces"].get("train", 0) == 0
+    assert summary["traces"]["bucket_eval"] == 1
     records = read_metrics(tmp_path)
-    assert records[-1]["split"] == "eval" or any(r["split"] == "eval" for r in records)
+    assert any(r["split"] == "eval" and r["arch"] == spec.name for r in records)
     assert [r for r in records if r["split"] == "train"][-1]["distinct_archs"] == len(seen)
+    n = meta_grad_reduction(config)  # forward chain of the widest ViT, plus the GHN's
+    for k in ("loss_sum", "count"):
+        assert_close(np.asarray(got[k]), np.asarray(want[k]), reduction=n, err_msg=k)
+    # Correct predictions: round-off may flip the argmax of a near-tied sample.
+    assert abs(float(got["metric_sum"]) - float(want["metric_sum"])) <= 1.0
 
 
 def test_stream_needs_a_listable_sampler(tmp_path):

@@ -43,10 +43,11 @@ def base_config() -> ml_collections.ConfigDict:
     # meta-gradients (tests/float64_gap.py); in float32 the gradients differ by
     # ~1e-4 of their norm, as any two programs whose round-off flips the decoder's ReLUs.
     c.archs.bucketed = True
-    # Buckets per group of architectures that share their fixed fields (patch and
-    # image size, vocabulary, ...), cut along the head width (ghn.zoo.bucketed.partition);
-    # a step's m architectures come from one bucket, so each bucket is one program.
-    c.archs.buckets = 4
+    # Shape buckets in all, at least one per group of architectures that share their
+    # fixed fields (patch and image size, vocabulary, ...); cut along the head width
+    # (ghn.zoo.bucketed.partition). A step's m architectures come from one bucket, so
+    # each bucket is one training program.
+    c.archs.buckets = 6
     # True: no pool; every position of the run is a fresh draw from the sampler
     # (pool_size only sizes the draw the held-out architectures come from). Needs a
     # sampler whose architectures can be listed (vits-1k, gpts-1k) for the buckets.

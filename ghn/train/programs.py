@@ -75,7 +75,8 @@ class Stats:
         return sum(self.compilations.values())
 
     def arch_compilations(self) -> int:
-        return sum(self.compilations[k] for k in ("train", "eval", "bucket_train"))
+        kinds = ("train", "eval", "bucket_train", "bucket_eval")
+        return sum(self.compilations[k] for k in kinds)
 
 
 def _shape_key(tree) -> tuple:
@@ -282,13 +283,7 @@ class Programs:
 
     def bucket_inputs(self, plan: hb.BucketPlan, specs: Sequence[ArchSpec]) -> hb.ArchInputs:
         """The stacked, replicated runtime description of `specs` (all of `plan`'s bucket)."""
-        each = []
-        for spec in specs:
-            hit = self._bucket_inputs.get((plan, spec))
-            if hit is None:
-                hit = hb.arch_inputs(plan, spec, self._input_spec(spec), self.ghn_config)
-                self._bucket_inputs.put((plan, spec), hit)
-            each.append(hit)
+        each = [self.bucket_arch_inputs(plan, spec) for spec in specs]
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *each)
         return put_replicated(stacked, self.replicated)
 
@@ -335,6 +330,34 @@ class Programs:
             return self._compile("eval", fn, in_sh, self.replicated, args)
 
         return self._arch_cached(key, build)(params, arch.graph, batch)
+
+    def bucket_arch_inputs(self, plan: hb.BucketPlan, spec: ArchSpec) -> hb.ArchInputs:
+        """`spec`'s host arrays for `plan` (cached; ConfigError if it does not fit)."""
+        hit = self._bucket_inputs.get((plan, spec))
+        if hit is None:
+            hit = hb.arch_inputs(plan, spec, self._input_spec(spec), self.ghn_config)
+            self._bucket_inputs.put((plan, spec), hit)
+        return hit
+
+    def evaluate_bucket(self, plan: hb.BucketPlan, spec: ArchSpec, params, batch):
+        """`evaluate` through `plan`'s program: one program per bucket and batch shape."""
+        inputs = put_replicated(self.bucket_arch_inputs(plan, spec), self.replicated)
+        key = ("bucket_eval", plan, _shape_key(batch))
+
+        def fn(params, inputs, batch):
+            self.stats.traces["bucket_eval"] += 1
+            ghn = nnx.merge(self.ghn_graphdef, params)
+            _, sums = step.bucketed_sums(
+                ghn, inputs, batch, plan=plan, task=self.task, bf16=self.bf16
+            )
+            return sums
+
+        def build():
+            in_sh = (self.param_shardings, self.replicated, self.data_sharding)
+            args = (params, inputs, batch)
+            return self._compile("bucket_eval", fn, in_sh, self.replicated, args)
+
+        return self._arch_cached(key, build)(params, inputs, batch)
 
     def _update_fn(self, state, acc, inject_nan, hparams):
         self.stats.traces["update"] += 1

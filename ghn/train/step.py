@@ -133,6 +133,18 @@ def meta_loss(
     return task_loss + pred_weight_decay * reg, aux
 
 
+def bucketed_sums(ghn, inputs, batch, *, plan: hb.BucketPlan, task: Task, bf16: bool = False):
+    """One architecture of a bucket (`inputs`, not stacked): its padded predicted
+    parameters and the task's masked loss/metric sums with them."""
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    params = hb.predict_padded(ghn, plan, inputs)
+
+    def model(x):
+        return zb.forward(plan.bucket, params, inputs.target, x, dtype=dtype)
+
+    return params, task.sums(model, batch, dtype)
+
+
 def bucketed_meta_loss(
     ghn_params,
     inputs_M,
@@ -152,10 +164,9 @@ def bucketed_meta_loss(
     the real architecture), all in one vmapped program.
     """
     ghn = nnx.merge(ghn_graphdef, ghn_params)
-    dtype = jnp.bfloat16 if bf16 else jnp.float32
 
     def one(inputs):
-        params = hb.predict_padded(ghn, plan, inputs)
+        params, sums = bucketed_sums(ghn, inputs, batch, plan=plan, task=task, bf16=bf16)
         # One norm per real parameter, as `meta_loss`: a stacked leaf holds one per block.
         top = {k: v for k, v in params.items() if k != "blocks"}
         reg = sum(optax.safe_norm(x, 0.0) for x in jax.tree.leaves(top))
@@ -163,11 +174,6 @@ def bucketed_meta_loss(
             jnp.sum(optax.safe_norm(x.reshape(x.shape[0], -1), 0.0, axis=1))
             for x in jax.tree.leaves(params.get("blocks", {}))
         )
-
-        def model(x):
-            return zb.forward(plan.bucket, params, inputs.target, x, dtype=dtype)
-
-        sums = task.sums(model, batch, dtype)
         task_loss = sums["loss_sum"] / sums["count"]
         metric = sums["metric_sum"] / sums["count"]
         return task_loss + pred_weight_decay * reg, (task_loss, metric, reg)

@@ -131,6 +131,7 @@ class Trainer:
         self.groups, self.plans = self._bucket_plans() if config.archs.bucketed else ([], {})
         self.sampler = self._sampler()
         self._seen: set = set()
+        self._eval_plans: dict = {}
         self.state = self._restore_or_init()
         # Only once the workdir's checkpoint (if any) accepted this config.
         if self.is_main:
@@ -281,8 +282,12 @@ class Trainer:
         results = []
         for tag, spec in archs:
             totals = {"loss_sum": 0.0, "metric_sum": 0.0, "count": 0.0}
+            plan = self._eval_plan(spec)
             for batch in self._eval_batches:
-                sums = self.programs.evaluate(spec, params, batch)
+                if plan is None:
+                    sums = self.programs.evaluate(spec, params, batch)
+                else:
+                    sums = self.programs.evaluate_bucket(plan, spec, params, batch)
                 for k in totals:
                     totals[k] += float(local_array(sums[k]))
             n = max(totals["count"], 1.0)
@@ -305,6 +310,21 @@ class Trainer:
             summary["mean"] = mean
         self.last_eval = summary
         return summary
+
+    def _eval_plan(self, spec):
+        """The training bucket plan that can evaluate `spec` (held-out architectures of a
+        broad pool or the stream usually fit one), else None: its own program."""
+        if spec not in self._eval_plans:
+            self._eval_plans[spec] = None
+            for plan in dict.fromkeys(self.plans.values()):
+                if zb.supports(spec) and zb.fits(plan.bucket, spec):
+                    try:
+                        self.programs.bucket_arch_inputs(plan, spec)
+                    except ConfigError:  # more graph nodes or wider slots than the plan
+                        continue
+                    self._eval_plans[spec] = plan
+                    break
+        return self._eval_plans[spec]
 
     NOT_SAVED = "checkpointing is disabled (checkpoint.enabled=False): nothing saved"
 

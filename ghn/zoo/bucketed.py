@@ -14,26 +14,31 @@ whole bucket and the meta-batch's architectures can be stacked and vmapped.
 
 Sizes: n = bucket.depth (blocks), D = bucket.width (residual channels),
 H = bucket.num_heads, A = bucket.head_width (max width // num_heads), F =
-bucket.mlp_hidden (max mlp_ratio * width). Heads and head width pad
-independently, so the padded attention width H * A can exceed D: group specs
-of similar head width (or head count) into a bucket to keep that waste small.
+bucket.mlp_hidden (max mlp_ratio * width).
 
 Padded tree (`padded_shapes`): the real model's `nnx.to_pure_dict` names, with
 the blocks stacked on a leading axis of n under "blocks" (no block index) so
 the forward scans over them. Every real element sits at the "top-left corner"
 of its padded array once the fused axes are split:
-  attention in  blocks/attn/{qkv|c_attn}/kernel  n x D x 3 x H x A; bias n x 3 x H x A;
-                real column t*d + h*a + j ([q | k | v], head h, in-head column j) of
-                the (d, 3d) kernel sits at (t, h, j), real residual channel c at c;
-  attention out blocks/attn/{proj|c_proj}/kernel  n x H x A x D (real row h*a + j at (h, j));
+  attention in  blocks/attn/{qkv|c_attn}/kernel  n x D x 3 x D; bias n x 3 x D:
+                real column t*d + c ([q | k | v], attention column c) of the (d, 3d)
+                kernel sits at (t, c), real residual channel c at c;
+  attention out blocks/attn/{proj|c_proj}/kernel  n x D x D;
   MLP           fc1/c_fc n x D x F, fc2/mlp.c_proj n x F x D; LayerNorms n x D;
   outside the blocks only D pads: patch_embed kernel p x p x C x D, cls_token 1 x 1 x D,
                 pos_embed 1 x T x D, head kernel D x V; wte V x D, wpe ctx x D, lm_head D x V.
+Heads are not an axis of the parameters: the attention columns stay D wide, as
+in the real models, and which columns form which head is a runtime mask
+(heads_HxD), so the head count and head width of a bucket's architectures may
+differ freely at no cost in parameters. Attention then costs H x L x L x D
+multiply-adds per block (one masked q.k and probs.v per padded head) instead of
+the real L x L x d: the one place where more heads in a bucket cost compute.
 
 Runtime arrays (`arch_arrays`), float32, one architecture (stack them for vmap):
-  block_mask_n (n,)  width_mask_D (D,)  head_mask_H (H,)  head_width_mask_A (A,)
-  hidden_mask_F (F,): 1 on the real prefix, 0 on padding;
-  width (): the real width (LayerNorm statistics); attn_scale (): 1/sqrt(real head width).
+  block_mask_n (n,)  width_mask_D (D,)  hidden_mask_F (F,): 1 on the real prefix,
+  0 on padding; heads_HxD (H, D): 1 where column c < width is in head h
+  (c // real head width == h); width (): the real width (LayerNorm statistics);
+  attn_scale (): 1/sqrt(real head width).
 
 What is masked where: `forward` replaces every padded element of every parameter
 it reads by an exact 0 (`jnp.where` with the masks above; a whole absent block
@@ -41,10 +46,10 @@ counts as padding), before any arithmetic. It relies on nothing about the
 padded entries: garbage, inf or NaN there change no logit, and their gradient
 is exactly 0. From zero padded weights it follows that the padded residual
 channels, hidden units and attention columns stay exactly 0, so LayerNorm sums
-over all D channels and divides by the real `width`; a padded head has q = k = v
-= 0, attends uniformly to zero values and its (zero) output rows of the output
-projection add nothing; an absent block's residual update is 0, and is masked by
-`block_mask_n` besides.
+over all D channels and divides by the real `width`; head h's logits sum q.k
+over its own columns only, and its output is written back to those columns; a
+padded head (an all-zero row of heads_HxD) has logits 0 and writes nothing; an
+absent block's residual update is 0, and is masked by `block_mask_n` besides.
 
 Only families with a padded form are supported (`supports`); every other spec
 keeps its per-architecture program.
@@ -71,14 +76,9 @@ _KEY_FIELDS = {
     "gpt2": ("vocab_size", "context_length", "tie_embeddings"),
 }
 _SIZE_FIELDS = ("depth", "width", "num_heads", "head_width", "mlp_hidden")
-# Padded axis letter -> its runtime mask in `arch_arrays` (and the size it pads).
-_MASKS = {
-    "n": "block_mask_n",
-    "D": "width_mask_D",
-    "H": "head_mask_H",
-    "A": "head_width_mask_A",
-    "F": "hidden_mask_F",
-}
+_SIZES = ("n", "D", "H", "A", "F")  # their letters (the Bucket's maximal sizes)
+# Padded axis letter -> its runtime mask in `arch_arrays` (the axes parameters pad along).
+_MASKS = {"n": "block_mask_n", "D": "width_mask_D", "F": "hidden_mask_F"}
 _EPS = {"vit": 1e-6, "gpt2": 1e-5}  # the real models' LayerNorm epsilons
 # Per-block parameter names of each family, by role.
 _BLOCK_NAMES = {
@@ -221,7 +221,7 @@ def smallest_bucket(specs: Iterable[ArchSpec]) -> Bucket:
             "group them by `bucket_key(spec)` first"
         )
     sizes = [_spec_sizes(s) for s in specs]
-    big = {k: max(s[k] for s in sizes) for k in _MASKS}
+    big = {k: max(s[k] for s in sizes) for k in _SIZES}
     return Bucket(
         depth=big["n"],
         width=big["D"],
@@ -239,8 +239,8 @@ def _misfit(bucket: Bucket, spec: ArchSpec) -> str | None:
     if bucket_key(spec) != bucket.key:
         return f"its bucket key {bucket_key(spec)} differs from the bucket's {bucket.key}"
     real, padded = _spec_sizes(spec), _bucket_sizes(bucket)
-    names = dict(zip(_MASKS, _SIZE_FIELDS, strict=True))
-    over = [f"{names[k]} {real[k]} > {padded[k]}" for k in _MASKS if real[k] > padded[k]]
+    names = dict(zip(_SIZES, _SIZE_FIELDS, strict=True))
+    over = [f"{names[k]} {real[k]} > {padded[k]}" for k in _SIZES if real[k] > padded[k]]
     return ", ".join(over) if over else None
 
 
@@ -262,6 +262,13 @@ def arch_arrays(bucket: Bucket, spec: ArchSpec) -> dict[str, np.ndarray]:
     arrays = {
         name: (np.arange(padded[k]) < real[k]).astype(np.float32) for k, name in _MASKS.items()
     }
+    # Residual channel c < width belongs to head c // head_width; padded head rows are 0.
+    column_head_D = np.where(
+        np.arange(padded["D"]) < real["D"], np.arange(padded["D"]) // real["A"], -1
+    )
+    arrays["heads_HxD"] = (column_head_D[None] == np.arange(padded["H"])[:, None]).astype(
+        np.float32
+    )
     arrays["width"] = np.asarray(spec.width, np.float32)
     arrays["attn_scale"] = np.asarray(1.0 / math.sqrt(real["A"]), np.float32)
     return arrays
@@ -272,8 +279,8 @@ def _block_layout(family: str) -> dict[Path, Groups]:
     width = (("D",),)
     roles: dict[str, dict[str, Groups]] = {
         "ln1": {"scale": width, "bias": width},
-        "qkv": {"kernel": (("D",), (3, "H", "A")), "bias": ((3, "H", "A"),)},
-        "proj": {"kernel": (("H", "A"), ("D",)), "bias": width},
+        "qkv": {"kernel": (("D",), (3, "D")), "bias": ((3, "D"),)},
+        "proj": {"kernel": (("D",), ("D",)), "bias": width},
         "ln2": {"scale": width, "bias": width},
         "fc1": {"kernel": (("D",), ("F",)), "bias": (("F",),)},
         "fc2": {"kernel": (("F",), ("D",)), "bias": width},
@@ -369,61 +376,81 @@ def padded_size(bucket: Bucket) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(padded_shapes(bucket)))
 
 
+def _order(spec: ArchSpec) -> tuple:
+    return (spec.width, spec.depth, str(spec))
+
+
+def _best_splits(members: list[ArchSpec], k_max: int) -> list[tuple[float, list]]:
+    """For k = 1..k_max: (summed padded size, runs) of the cheapest cut of the ordered
+    `members` into at most k contiguous runs (a dynamic program over candidate cuts)."""
+    head = [(s.width, s.depth) for s in members]
+    n = len(members)
+    # Runs end only where the ordering key changes.
+    cuts = [i for i in range(1, n) if head[i] != head[i - 1]]
+    if len(cuts) > _MAX_CUTS:
+        cuts = [cuts[round(j * (len(cuts) - 1) / (_MAX_CUTS - 1))] for j in range(_MAX_CUTS)]
+    ends = [0, *cuts, n]
+    cost = {
+        (a, b): (ends[b] - ends[a]) * padded_size(smallest_bucket(members[ends[a] : ends[b]]))
+        for a in range(len(ends))
+        for b in range(a + 1, len(ends))
+    }
+    # best[k][b]: cheapest split of members[:ends[b]] into k runs, and its last start.
+    inf = float("inf")
+    best = [[(inf, -1)] * len(ends) for _ in range(k_max + 1)]
+    best[0][0] = (0.0, -1)
+    for k in range(1, k_max + 1):
+        for b in range(1, len(ends)):
+            options = [(best[k - 1][a][0] + cost[a, b], a) for a in range(b)]
+            best[k][b] = min((o for o in options if o[0] < inf), default=(inf, -1))
+    out = []
+    for k_top in range(1, k_max + 1):
+        k = min(range(1, k_top + 1), key=lambda k: (best[k][-1][0], k))
+        total, runs, b = best[k][-1][0], [], len(ends) - 1
+        while k > 0:
+            a = best[k][b][1]
+            runs.append(tuple(members[ends[a] : ends[b]]))
+            b, k = a, k - 1
+        out.append((total, runs[::-1]))
+    return out
+
+
 def partition(specs: Iterable[ArchSpec], max_buckets: int = 1) -> list[tuple[ArchSpec, ...]]:
     """`specs` (all `supports`-ed) split into groups that each get a bucket.
 
-    Specs of different `bucket_key`s never share a group. Within a key, the
-    distinct specs are ordered by (head width, width, depth) and cut into at most
-    `max_buckets` contiguous runs minimizing the summed padded size (each spec
-    costs its group's `padded_size`), over at most `_MAX_CUTS` evenly spaced
-    candidate cuts. The heads pad as H x A, so one bucket over a broad range pads
-    a 16-head ViT to the 1-head one's head width: vits-1k's 1,740 ViTs cost 30x
-    their real parameters in one bucket, 8.9x in 2, 5.9x in 4 (cutting along the
-    head width; ordering by each spec's own padded size instead: 22.7x in 2).
-    Deterministic.
+    Specs of different `bucket_key`s never share a group, so there is at least one
+    group per key; the rest of the `max_buckets` budget goes, one bucket at a time,
+    to the key where it saves the most padded size. Within a key, the distinct
+    specs are ordered by (width, depth) and cut into contiguous runs minimizing
+    the summed padded size (each spec costs its group's `padded_size`), over at
+    most `_MAX_CUTS` evenly spaced candidate cuts. Heads cost no padding (see the
+    module docstring), so width and depth are what a bucket pads. Measured padded
+    / real parameters, 1, 2, 4, 8 buckets: vits-1k's 1,740 ViTs (2 patch sizes)
+    5.0x, 5.0x, 2.9x, 2.0x; gpts-1k's 168 GPT-2s 1.9x, 1.5x, 1.3x, 1.2x (ordering
+    by depth first, or by parameter count, pads more). Deterministic.
     """
     if max_buckets < 1:
         raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
     by_key: dict[tuple, list[ArchSpec]] = {}
     for spec in dict.fromkeys(specs):
         by_key.setdefault(bucket_key(spec), []).append(spec)
-    groups: list[tuple[ArchSpec, ...]] = []
-    for key in sorted(by_key, key=str):
-        head = {s: _spec_sizes(s)["A"] for s in by_key[key]}
-        members = sorted(by_key[key], key=lambda s: (head[s], s.width, s.depth, str(s)))
-        n, k_max = len(members), min(max_buckets, len(members))
-        # Runs end only where the head width changes.
-        cuts = [i for i in range(1, n) if head[members[i]] != head[members[i - 1]]]
-        if len(cuts) > _MAX_CUTS:
-            cuts = [cuts[round(j * (len(cuts) - 1) / (_MAX_CUTS - 1))] for j in range(_MAX_CUTS)]
-        ends = [0, *cuts, n]
-        cost = {}
-        for a in range(len(ends)):
-            for b in range(a + 1, len(ends)):
-                run = members[ends[a] : ends[b]]
-                cost[a, b] = len(run) * padded_size(smallest_bucket(run))
-        # best[k][b]: cheapest split of ends[0]..ends[b] into k runs, and its last start.
-        inf = float("inf")
-        best = [[(inf, -1)] * len(ends) for _ in range(k_max + 1)]
-        best[0][0] = (0.0, -1)
-        for k in range(1, k_max + 1):
-            for b in range(1, len(ends)):
-                best[k][b] = min(
-                    (
-                        (best[k - 1][a][0] + cost[a, b], a)
-                        for a in range(b)
-                        if best[k - 1][a][0] < inf
-                    ),
-                    default=(inf, -1),
-                )
-        k = min(range(1, k_max + 1), key=lambda k: (best[k][-1][0], k))
-        runs, b = [], len(ends) - 1
-        while k > 0:
-            a = best[k][b][1]
-            runs.append(tuple(members[ends[a] : ends[b]]))
-            b, k = a, k - 1
-        groups.extend(reversed(runs))
-    return groups
+    keys = sorted(by_key, key=str)
+    spare = max(max_buckets - len(keys), 0)
+    curves = {}
+    for key in keys:
+        members = sorted(by_key[key], key=_order)
+        curves[key] = _best_splits(members, min(1 + spare, len(members)))
+    chosen = dict.fromkeys(keys, 0)  # index into the key's curve: extra buckets
+    for _ in range(spare):
+        gains = {
+            key: curves[key][chosen[key]][0] - curves[key][chosen[key] + 1][0]
+            for key in keys
+            if chosen[key] + 1 < len(curves[key])
+        }
+        if not gains or max(gains.values()) <= 0:
+            break
+        chosen[max(gains, key=lambda k: (gains[k], str(k)))] += 1
+    return [tuple(run) for key in keys for run in curves[key][chosen[key]][1]]
 
 
 def _real_items(bucket: Bucket, spec: ArchSpec):
@@ -524,6 +551,7 @@ def _check_inputs(bucket: Bucket, padded_params: Mapping, arrays: Mapping) -> No
         )
     sizes = _bucket_sizes(bucket)
     want_arrays = {name: (sizes[k],) for k, name in _MASKS.items()} | {
+        "heads_HxD": (sizes["H"], sizes["D"]),
         "width": (),
         "attn_scale": (),
     }
@@ -545,19 +573,23 @@ def _layer_norm(x_BxLxD, p, width, eps):
     return (y + p["bias"].astype(jnp.float32)[None, None]).astype(x_BxLxD.dtype)
 
 
-def _attention(x_BxLxD, qkv, proj, scale, causal):
-    qkv_BxLx3xHxA = jnp.einsum("bld,dthk->blthk", x_BxLxD, qkv["kernel"])
-    qkv_BxLx3xHxA = qkv_BxLx3xHxA + qkv["bias"][None, None]
-    q_BxLxHxA, k_BxLxHxA, v_BxLxHxA = (qkv_BxLx3xHxA[:, :, t] for t in range(3))
-    logits_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxA, k_BxLxHxA) * scale
+def _attention(x_BxLxD, qkv, proj, heads_HxD, scale, causal):
+    qkv_BxLx3xD = jnp.einsum("bld,dte->blte", x_BxLxD, qkv["kernel"])
+    qkv_BxLx3xD = qkv_BxLx3xD + qkv["bias"][None, None]
+    q_BxLxD, k_BxLxD, v_BxLxD = (qkv_BxLx3xD[:, :, t] for t in range(3))
+    # Head h's q.k sums over its own columns only (heads_HxD[h]); a padded head's
+    # row is 0: logits 0, and its output lands on no column.
+    qh_BxHxLxD = q_BxLxD[:, None] * heads_HxD[None, :, None, :]
+    logits_BxHxLxL = jnp.einsum("bhqe,bse->bhqs", qh_BxHxLxD, k_BxLxD) * scale
     logits_BxHxLxL = logits_BxHxLxL.astype(jnp.float32)
     if causal:
         length = x_BxLxD.shape[1]
         mask_1x1xLxL = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
         logits_BxHxLxL = jnp.where(mask_1x1xLxL, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
     probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(x_BxLxD.dtype)
-    out_BxLxHxA = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL, v_BxLxHxA)
-    return jnp.einsum("bqhk,hkd->bqd", out_BxLxHxA, proj["kernel"]) + proj["bias"][None, None]
+    out_BxHxLxD = jnp.einsum("bhqs,bse->bhqe", probs_BxHxLxL, v_BxLxD)
+    out_BxLxD = jnp.einsum("bhqe,he->bqe", out_BxHxLxD, heads_HxD.astype(out_BxHxLxD.dtype))
+    return jnp.einsum("bqe,ed->bqd", out_BxLxD, proj["kernel"]) + proj["bias"][None, None]
 
 
 def _mlp(x_BxLxD, fc1, fc2, approximate):
@@ -577,14 +609,14 @@ def _blocks(bucket: Bucket, blocks: Mapping, arrays: Mapping, x_BxLxD: jax.Array
     family = bucket.family
     names, eps = _BLOCK_NAMES[family], _EPS[family]
     width, scale = arrays["width"], arrays["attn_scale"].astype(x_BxLxD.dtype)
+    heads_HxD = arrays["heads_HxD"].astype(x_BxLxD.dtype)
 
     def block(x_BxLxD, xs):
         p, on = xs
         on = on.astype(x_BxLxD.dtype)
         h_BxLxD = _layer_norm(x_BxLxD, _get(p, names["ln1"]), width, eps)
-        attn = _attention(
-            h_BxLxD, _get(p, names["qkv"]), _get(p, names["proj"]), scale, family == "gpt2"
-        )
+        qkv, proj = _get(p, names["qkv"]), _get(p, names["proj"])
+        attn = _attention(h_BxLxD, qkv, proj, heads_HxD, scale, family == "gpt2")
         x_BxLxD = x_BxLxD + on * attn
         h_BxLxD = _layer_norm(x_BxLxD, _get(p, names["ln2"]), width, eps)
         mlp = _mlp(h_BxLxD, _get(p, names["fc1"]), _get(p, names["fc2"]), family == "gpt2")
