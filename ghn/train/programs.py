@@ -271,9 +271,10 @@ class Programs:
 
     def bucket_plan(self, specs: Sequence[ArchSpec]) -> hb.BucketPlan:
         """The plan of the smallest bucket holding `specs` (one bucket key); its slot sizes
-        come from the widest and the deepest of them."""
+        come from the widest, the deepest and the widest-MLP of them."""
         bucket = zb.smallest_bucket(specs)
-        extremes = {max(specs, key=lambda s: s.width), max(specs, key=lambda s: s.depth)}
+        sizes = (lambda s: s.width, lambda s: s.depth, lambda s: s.mlp_ratio * s.width)
+        extremes = {max(specs, key=size) for size in sizes}
         return hb.make_bucket_plan(
             bucket, sorted(extremes, key=str), self._input_spec, self.ghn_config
         )
