@@ -47,6 +47,7 @@ def tiny_config(changes: dict | None = None) -> ml_collections.ConfigDict:
     c.archs.pool_size = 1  # one compiled architecture; tests that need more say so
     c.archs.meta_batch_size = 2
     c.archs.buckets = 1  # one bucketed training program; tests that need more say so
+    c.archs.stream = False  # a pool; tests of the stream say so
     c.archs.ranges.update(
         dict(depth=(1, 1), width=(16, 32), max_heads=2, min_head_dim=8, patch_size=7)
     )
