@@ -9,11 +9,11 @@ and larger ViTs' evaluation programs). Measured: the task loss of the
 predicted ViTs falls from ~2.5 to 1.37 (training accuracy 0.10 -> 0.51) over
 the 800 steps; held-out ViTs reach 0.43 and 0.07 accuracy with predicted
 parameters and no training, the larger ViT 0.10: four training architectures
-generalize little. Broader 800-1400-step variants (the stream over the 17 ViTs of
-these ranges, or 26 with 1-3 blocks and width 16-64) fit less in this budget and reach 0.20-0.27 on held-out
-ViTs (RESULTS.md, "Default job"). The shipped `vit-mnist` GHN is this config
-with 16 architectures and 4000 steps (`python -m ghn list` has the command):
-0.57 on held-out ViTs.
+generalize little. Broader 800-1400-step variants (the stream over the 17
+ViTs of these ranges, or 26 with 1-3 blocks and width 16-64) fit less in
+this budget and reach 0.20-0.27 on held-out ViTs (RESULTS.md, "Default job").
+The shipped `vit-mnist` GHN is this config with 16 architectures and 4000
+steps (`python -m ghn list` has the command): 0.57 on held-out ViTs.
 """
 
 import ml_collections
