@@ -26,7 +26,38 @@ def fingerprint(specs: Sequence[ArchSpec]) -> str:
     return hashlib.sha256(doc.encode()).hexdigest()[:16]
 
 
-class ArchSampler:
+class _Positional:
+    """A sampler whose whole state is its position `index` (plus what must match on
+    restore: seed, meta-batch size and the fingerprint of what it draws from)."""
+
+    _what = "pool"  # the state's key for the fingerprint
+    index: int
+    seed: int
+    meta_batch_size: int
+    _fingerprint: str
+
+    def peek(self) -> list[ArchSpec]:
+        raise NotImplementedError
+
+    def next(self) -> list[ArchSpec]:
+        specs = self.peek()
+        self.index += self.meta_batch_size
+        return specs
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "seed": self.seed,
+            "meta_batch_size": self.meta_batch_size,
+            self._what: self._fingerprint,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        _check_same(state, self.state(), ("seed", "meta_batch_size", self._what))
+        self.index = int(state["index"])
+
+
+class ArchSampler(_Positional):
     """Meta-batches of `m` architectures from `pool`, epoch after epoch.
 
     Position i of the stream is `pool[perm(i // P)[i % P]]`, where P is the pool
@@ -55,22 +86,6 @@ class ArchSampler:
         ids = range(self.index, self.index + self.meta_batch_size)
         return [self.pool[self._order(i // p)[i % p]] for i in ids]
 
-    def next(self) -> list[ArchSpec]:
-        specs = self.peek()
-        self.index += self.meta_batch_size
-        return specs
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "seed": self.seed,
-            "meta_batch_size": self.meta_batch_size,
-            "pool": self._fingerprint,
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        _check_same(state, self.state(), ("seed", "meta_batch_size", "pool"))
-        self.index = int(state["index"])
 
 
 class GroupedSampler:
@@ -122,7 +137,7 @@ class GroupedSampler:
             sampler.index = int(index)
 
 
-class StreamSampler:
+class StreamSampler(_Positional):
     """A fresh architecture at every position of the run: no pool.
 
     Position i draws `draw(seed=(seed, i, j))` for j = 0, 1, ... until the draw is
@@ -131,6 +146,8 @@ class StreamSampler:
     first, so a step runs one bucket's program; each position's architecture is
     still distributed as the sampler's draw. The state is the position.
     """
+
+    _what = "stream"
 
     def __init__(
         self,
@@ -168,22 +185,6 @@ class StreamSampler:
         rest = [self._at(self.index + k, group) for k in range(1, self.meta_batch_size)]
         return [first, *rest]
 
-    def next(self) -> list[ArchSpec]:
-        specs = self.peek()
-        self.index += self.meta_batch_size
-        return specs
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "seed": self.seed,
-            "meta_batch_size": self.meta_batch_size,
-            "stream": self._fingerprint,
-        }
-
-    def restore(self, state: dict[str, Any]) -> None:
-        _check_same(state, self.state(), ("seed", "meta_batch_size", "stream"))
-        self.index = int(state["index"])
 
 
 def _check_same(saved: dict[str, Any], mine: dict[str, Any], keys: Sequence[str]) -> None:
