@@ -140,6 +140,7 @@ class Programs:
         self._arch_programs: LRUCache = LRUCache(max_programs)
         # Host arrays of bucketed architectures (index maps are padded-parameter sized).
         self._bucket_inputs: LRUCache = LRUCache(256)
+        self._eval_inputs: LRUCache = LRUCache(64)  # the same, on the devices
         self._weights: dict[tuple[int, int], jax.Array] = {}
         self._flags = {b: put_replicated(np.asarray(b), self.replicated) for b in (False, True)}
         self._hparams = put_replicated(
@@ -342,7 +343,10 @@ class Programs:
 
     def evaluate_bucket(self, plan: hb.BucketPlan, spec: ArchSpec, params, batch):
         """`evaluate` through `plan`'s program: one program per bucket and batch shape."""
-        inputs = put_replicated(self.bucket_arch_inputs(plan, spec), self.replicated)
+        inputs = self._eval_inputs.get((plan, spec))
+        if inputs is None:  # uploaded once, not once per evaluation batch
+            inputs = put_replicated(self.bucket_arch_inputs(plan, spec), self.replicated)
+            self._eval_inputs.put((plan, spec), inputs)
         key = ("bucket_eval", plan, _shape_key(batch))
 
         def fn(params, inputs, batch):
