@@ -64,6 +64,7 @@ config.archs.stream = a["pool"] == "stream"
 config.archs.pool_size = 100 if config.archs.stream else int(a["pool"])
 config.archs.bucketed = a["path"] == "bucketed"
 config.archs.meta_batch_size = a["meta_batch"]
+config.archs.buckets = a["buckets"]
 config.num_steps = a["steps"]
 config.log_every = a["log_every"]
 config.eval.enabled = False
@@ -143,6 +144,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="N steps per run")
     parser.add_argument("--per-arch-steps", type=int, default=0, help="cap N for per_arch runs")
     parser.add_argument("--meta-batch", type=int, default=2, help="m: architectures per step")
+    parser.add_argument(
+        "--buckets", type=int, default=6, help="archs.buckets of the bucketed path (base default)"
+    )
     parser.add_argument("--log-every", type=int, default=10, help="steps per measured window")
     parser.add_argument("--caches", default="cold", help="cold and/or warm")
     parser.add_argument("--ranges", default="", help="JSON overriding the sampler ranges")
@@ -167,6 +171,7 @@ def main() -> None:
                         "path": path,
                         "steps": steps,
                         "meta_batch": args.meta_batch,
+                        "buckets": args.buckets,
                         "log_every": args.log_every,
                         "cache": cache,
                     }

@@ -232,11 +232,20 @@ def test_attention_layout_keeps_columns_and_masks_heads():
         np.testing.assert_array_equal(qkv["bias"][i][:, :w].reshape(-1), real["qkv"]["bias"])
         proj = padded["blocks"]["attn"]["proj"]["kernel"][i]
         np.testing.assert_array_equal(proj[:w, :w], real["proj"]["kernel"])
-    heads = bk.arch_arrays(bucket, spec)["heads_HxD"]
-    assert heads.shape == (bucket.num_heads, bucket.width)
+    arrays = bk.arch_arrays(bucket, spec)
+    cols, mask = arrays["head_cols_HxA"], arrays["head_mask_HxA"]
+    assert cols.shape == mask.shape == (bucket.num_heads, bucket.head_width)
     for h in range(bucket.num_heads):
-        want = [h < spec.num_heads and h * a <= col < (h + 1) * a for col in range(bucket.width)]
-        np.testing.assert_array_equal(heads[h], np.asarray(want, np.float32))
+        for j in range(bucket.head_width):
+            real = h < spec.num_heads and j < a
+            assert mask[h, j] == float(real)
+            if real:  # head h's j-th column of the real model
+                assert cols[h, j] == h * a + j
+    # Gathering back: column c reads its (head, position) of the flattened (H, A) layout.
+    back = arrays["attn_cols_D"]
+    for col in range(w):
+        assert back[col] == (col // a) * bucket.head_width + col % a
+        assert cols.reshape(-1)[back[col]] == col
 
 
 @pytest.mark.parametrize("name,i", [("vit-cls", 2), ("gpt2-tied", 2), ("gpt2-untied", 1)])
@@ -384,14 +393,14 @@ def test_clear_errors():
         bk.forward(_bucket("gpt2-untied"), padded, arrays, jnp.zeros((2, 4), jnp.int32))
 
 
-def test_partition_cuts_along_the_width_and_lowers_the_padding():
+def test_partition_cuts_along_the_width_and_lowers_the_cost():
     specs = zoo.space(
         "vits-1k", depth=(2, 4), width=(32, 128), width_multiple=16, max_heads=8, patch_size=4
     )
     specs += zoo.space("vits-1k", depth=2, width=(32, 64), width_multiple=32, patch_size=8)
 
     def cost(groups):
-        return sum(len(g) * bk.padded_size(bk.smallest_bucket(g)) for g in groups)
+        return sum(len(g) * bk.cost(bk.smallest_bucket(g)) for g in groups)
 
     one, three = bk.partition(specs, 1), bk.partition(specs, 3)
     assert len(one) == 2  # one per bucket key (the patch sizes), whatever max_buckets
@@ -410,3 +419,22 @@ def test_partition_cuts_along_the_width_and_lowers_the_padding():
     assert bk.partition(reversed(specs), 3) == three  # deterministic, order-free
     with pytest.raises(ValueError, match="max_buckets"):
         bk.partition(specs, 0)
+
+
+def test_partition_separates_head_layouts_where_attention_pads():
+    """Same width and depth, 1-4 heads: no weight pads, but one bucket runs attention
+    at 4 heads of width 48 for all; a second bucket splits by head count."""
+    vit = {**VIT, "image_size": 32}  # 64 patches: attention matters
+    specs = [ViTSpec(**vit, depth=3, width=48, num_heads=h) for h in (1, 2, 3, 4)]
+    one = bk.smallest_bucket(specs)
+    assert bk.padded_size(one) == bk.padded_size(bk.smallest_bucket(specs[:1]))
+    tokens = (32 // VIT["patch_size"]) ** 2 + 1
+    attention = 2 * 3 * 4 * 48 * tokens  # blocks x H x A x L, q.k and probs.v
+    assert bk.cost(one) == bk.padded_size(one) + attention
+    two = bk.partition(specs, 2)
+    assert sorted(len(g) for g in two) == [2, 2]
+    # The head counts are not interleaved: {1, 2} and {3, 4}.
+    assert sorted(sorted(s.num_heads for s in g) for g in two) == [[1, 2], [3, 4]]
+    split = sum(len(g) * bk.cost(bk.smallest_bucket(g)) for g in two)
+    assert split < len(specs) * bk.cost(one)
+    assert len(bk.partition(specs, 1)) == 1

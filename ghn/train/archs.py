@@ -87,7 +87,6 @@ class ArchSampler(_Positional):
         return [self.pool[self._order(i // p)[i % p]] for i in ids]
 
 
-
 class GroupedSampler:
     """Meta-batches of `m` architectures that all come from one of `groups`.
 
@@ -184,7 +183,6 @@ class StreamSampler(_Positional):
         group = self.group_of(first)
         rest = [self._at(self.index + k, group) for k in range(1, self.meta_batch_size)]
         return [first, *rest]
-
 
 
 def _check_same(saved: dict[str, Any], mine: dict[str, Any], keys: Sequence[str]) -> None:

@@ -28,16 +28,19 @@ of its padded array once the fused axes are split:
   outside the blocks only D pads: patch_embed kernel p x p x C x D, cls_token 1 x 1 x D,
                 pos_embed 1 x T x D, head kernel D x V; wte V x D, wpe ctx x D, lm_head D x V.
 Heads are not an axis of the parameters: the attention columns stay D wide, as
-in the real models, and which columns form which head is a runtime mask
-(heads_HxD), so the head count and head width of a bucket's architectures may
-differ freely at no cost in parameters. Attention then costs H x L x L x D
-multiply-adds per block (one masked q.k and probs.v per padded head) instead of
-the real L x L x d: the one place where more heads in a bucket cost compute.
+in the real models, so the head count and head width of a bucket's
+architectures may differ freely at no cost in parameters. The attention itself
+runs on an (H, A) layout gathered from those columns at runtime
+(head_cols_HxA): H x A x L x L multiply-adds per block for q.k and again for
+probs.v, against the real h x a x L x L. So heads cost compute where a bucket
+mixes many heads with wide heads, and `partition` weighs that (`cost`).
 
-Runtime arrays (`arch_arrays`), float32, one architecture (stack them for vmap):
+Runtime arrays (`arch_arrays`), one architecture (stack them for vmap):
   block_mask_n (n,)  width_mask_D (D,)  hidden_mask_F (F,): 1 on the real prefix,
-  0 on padding; heads_HxD (H, D): 1 where column c < width is in head h
-  (c // real head width == h); width (): the real width (LayerNorm statistics);
+  0 on padding (float32); head_cols_HxA (H, A) int32: the column of head h's
+  j-th attention channel (h * a + j for real head width a), head_mask_HxA: 1 where
+  (h, j) is real; attn_cols_D (D,) int32: where column c sits in the flattened
+  (H, A) layout (the way back); width (): the real width (LayerNorm statistics);
   attn_scale (): 1/sqrt(real head width).
 
 What is masked where: `forward` replaces every padded element of every parameter
@@ -47,8 +50,9 @@ padded entries: garbage, inf or NaN there change no logit, and their gradient
 is exactly 0. From zero padded weights it follows that the padded residual
 channels, hidden units and attention columns stay exactly 0, so LayerNorm sums
 over all D channels and divides by the real `width`; head h's logits sum q.k
-over its own columns only, and its output is written back to those columns; a
-padded head (an all-zero row of heads_HxD) has logits 0 and writes nothing; an
+over its own columns only (the gathered padding is masked to 0), and its output
+is gathered back to those columns; a padded head (all of its row masked) has
+logits 0 and outputs 0, and padded columns meet proj's zero rows; an
 absent block's residual update is 0, and is masked by `block_mask_n` besides.
 
 Only families with a padded form are supported (`supports`); every other spec
@@ -262,15 +266,20 @@ def arch_arrays(bucket: Bucket, spec: ArchSpec) -> dict[str, np.ndarray]:
     arrays = {
         name: (np.arange(padded[k]) < real[k]).astype(np.float32) for k, name in _MASKS.items()
     }
-    # Residual channel c < width belongs to head c // head_width; padded head rows are 0.
-    column_head_D = np.where(
-        np.arange(padded["D"]) < real["D"], np.arange(padded["D"]) // real["A"], -1
-    )
-    arrays["heads_HxD"] = (column_head_D[None] == np.arange(padded["H"])[:, None]).astype(
-        np.float32
+    # Head h of the real model reads columns h*a .. h*a + a - 1 (a its head width); the
+    # attention runs on an (H, A) layout gathered from those columns (padding: column 0,
+    # masked), and its output is gathered back to the D columns.
+    a = real["A"]
+    h_HxA, j_HxA = np.meshgrid(np.arange(padded["H"]), np.arange(padded["A"]), indexing="ij")
+    real_HxA = (h_HxA < real["H"]) & (j_HxA < a)
+    arrays["head_mask_HxA"] = real_HxA.astype(np.float32)
+    arrays["head_cols_HxA"] = np.where(real_HxA, h_HxA * a + j_HxA, 0).astype(np.int32)
+    d = np.arange(padded["D"])
+    arrays["attn_cols_D"] = np.where(d < real["D"], (d // a) * padded["A"] + d % a, 0).astype(
+        np.int32
     )
     arrays["width"] = np.asarray(spec.width, np.float32)
-    arrays["attn_scale"] = np.asarray(1.0 / math.sqrt(real["A"]), np.float32)
+    arrays["attn_scale"] = np.asarray(1.0 / math.sqrt(a), np.float32)
     return arrays
 
 
@@ -376,22 +385,40 @@ def padded_size(bucket: Bucket) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(padded_shapes(bucket)))
 
 
-def _order(spec: ArchSpec) -> tuple:
-    return (spec.width, spec.depth, str(spec))
+def _tokens(bucket: Bucket) -> int:
+    if bucket.family == "vit":
+        return (bucket.image_size // bucket.patch_size) ** 2 + (bucket.pool == "cls")
+    return bucket.context_length
 
 
-def _best_splits(members: list[ArchSpec], k_max: int) -> list[tuple[float, list]]:
-    """For k = 1..k_max: (summed padded size, runs) of the cheapest cut of the ordered
-    `members` into at most k contiguous runs (a dynamic program over candidate cuts)."""
-    head = [(s.width, s.depth) for s in members]
+def cost(bucket: Bucket) -> int:
+    """Multiply-adds per token of one architecture run at `bucket`'s padded shapes: one
+    per padded weight, plus attention's q.k and probs.v over the (H, A) layout in every
+    block (what a bucket mixing head counts and head widths pays)."""
+    attention = 2 * bucket.depth * bucket.num_heads * bucket.head_width * _tokens(bucket)
+    return padded_size(bucket) + attention
+
+
+# Orderings the partition cuts along: width first (what pads most), then depth or heads.
+_ORDERS = (
+    lambda s: (s.width, s.depth, s.num_heads),
+    lambda s: (s.width, s.num_heads, s.depth),
+)
+
+
+def _best_splits(members: list[ArchSpec], k_max: int, order) -> list[tuple[float, list]]:
+    """For k = 1..k_max: (summed cost, runs) of the cheapest cut of `members`, sorted by
+    `order`, into at most k contiguous runs (a dynamic program over candidate cuts)."""
+    members = sorted(members, key=lambda s: (order(s), str(s)))
+    head = [order(s) for s in members]
     n = len(members)
     # Runs end only where the ordering key changes.
     cuts = [i for i in range(1, n) if head[i] != head[i - 1]]
     if len(cuts) > _MAX_CUTS:
         cuts = [cuts[round(j * (len(cuts) - 1) / (_MAX_CUTS - 1))] for j in range(_MAX_CUTS)]
     ends = [0, *cuts, n]
-    cost = {
-        (a, b): (ends[b] - ends[a]) * padded_size(smallest_bucket(members[ends[a] : ends[b]]))
+    cost_ab = {
+        (a, b): (ends[b] - ends[a]) * cost(smallest_bucket(members[ends[a] : ends[b]]))
         for a in range(len(ends))
         for b in range(a + 1, len(ends))
     }
@@ -401,7 +428,7 @@ def _best_splits(members: list[ArchSpec], k_max: int) -> list[tuple[float, list]
     best[0][0] = (0.0, -1)
     for k in range(1, k_max + 1):
         for b in range(1, len(ends)):
-            options = [(best[k - 1][a][0] + cost[a, b], a) for a in range(b)]
+            options = [(best[k - 1][a][0] + cost_ab[a, b], a) for a in range(b)]
             best[k][b] = min((o for o in options if o[0] < inf), default=(inf, -1))
     out = []
     for k_top in range(1, k_max + 1):
@@ -420,14 +447,15 @@ def partition(specs: Iterable[ArchSpec], max_buckets: int = 1) -> list[tuple[Arc
 
     Specs of different `bucket_key`s never share a group, so there is at least one
     group per key; the rest of the `max_buckets` budget goes, one bucket at a time,
-    to the key where it saves the most padded size. Within a key, the distinct
-    specs are ordered by (width, depth) and cut into contiguous runs minimizing
-    the summed padded size (each spec costs its group's `padded_size`), over at
-    most `_MAX_CUTS` evenly spaced candidate cuts. Heads cost no padding (see the
-    module docstring), so width and depth are what a bucket pads. Measured padded
-    / real parameters, 1, 2, 4, 8 buckets: vits-1k's 1,740 ViTs (2 patch sizes)
-    5.0x, 5.0x, 2.9x, 2.0x; gpts-1k's 168 GPT-2s 1.9x, 1.5x, 1.3x, 1.2x (ordering
-    by depth first, or by parameter count, pads more). Deterministic.
+    to the key where it saves the most. Within a key, the distinct specs are
+    ordered by (width, depth, heads) and by (width, heads, depth), each ordering
+    is cut into contiguous runs minimizing the summed `cost` (each spec costs its
+    group's: padded weights plus attention, per token), over at most `_MAX_CUTS`
+    evenly spaced candidate cuts, and the cheaper ordering wins. Heads pad no
+    weight, only attention's (H, A) layout. Measured padded / real parameters, 1,
+    2, 4, 8 buckets: vits-1k's 1,740 ViTs (2 patch sizes) 5.0x, 5.0x, 2.9x, 2.0x;
+    gpts-1k's 168 GPT-2s 1.9x, 1.5x, 1.3x, 1.2x (ordering by depth first, or by
+    parameter count, pads more). Deterministic.
     """
     if max_buckets < 1:
         raise ValueError(f"max_buckets must be >= 1, got {max_buckets}")
@@ -438,8 +466,10 @@ def partition(specs: Iterable[ArchSpec], max_buckets: int = 1) -> list[tuple[Arc
     spare = max(max_buckets - len(keys), 0)
     curves = {}
     for key in keys:
-        members = sorted(by_key[key], key=_order)
-        curves[key] = _best_splits(members, min(1 + spare, len(members)))
+        members = by_key[key]
+        k_max = min(1 + spare, len(members))
+        each = [_best_splits(members, k_max, order) for order in _ORDERS]
+        curves[key] = [min(options, key=lambda o: o[0]) for options in zip(*each)]
     chosen = dict.fromkeys(keys, 0)  # index into the key's curve: extra buckets
     for _ in range(spare):
         gains = {
@@ -551,7 +581,9 @@ def _check_inputs(bucket: Bucket, padded_params: Mapping, arrays: Mapping) -> No
         )
     sizes = _bucket_sizes(bucket)
     want_arrays = {name: (sizes[k],) for k, name in _MASKS.items()} | {
-        "heads_HxD": (sizes["H"], sizes["D"]),
+        "head_mask_HxA": (sizes["H"], sizes["A"]),
+        "head_cols_HxA": (sizes["H"], sizes["A"]),
+        "attn_cols_D": (sizes["D"],),
         "width": (),
         "attn_scale": (),
     }
@@ -573,22 +605,28 @@ def _layer_norm(x_BxLxD, p, width, eps):
     return (y + p["bias"].astype(jnp.float32)[None, None]).astype(x_BxLxD.dtype)
 
 
-def _attention(x_BxLxD, qkv, proj, heads_HxD, scale, causal):
+def _attention(x_BxLxD, qkv, proj, arrays, scale, causal):
     qkv_BxLx3xD = jnp.einsum("bld,dte->blte", x_BxLxD, qkv["kernel"])
     qkv_BxLx3xD = qkv_BxLx3xD + qkv["bias"][None, None]
-    q_BxLxD, k_BxLxD, v_BxLxD = (qkv_BxLx3xD[:, :, t] for t in range(3))
-    # Head h's q.k sums over its own columns only (heads_HxD[h]); a padded head's
-    # row is 0: logits 0, and its output lands on no column.
-    qh_BxHxLxD = q_BxLxD[:, None] * heads_HxD[None, :, None, :]
-    logits_BxHxLxL = jnp.einsum("bhqe,bse->bhqs", qh_BxHxLxD, k_BxLxD) * scale
+    # Each head's columns, gathered to the bucket's (H, A) layout; padded (h, a) are 0,
+    # so a head's q.k sums over its real columns only and a padded head (all 0) has
+    # logits 0 and an output of 0.
+    mask_HxA = arrays["head_mask_HxA"].astype(x_BxLxD.dtype)
+    g_BxLx3xHxA = (
+        jnp.take(qkv_BxLx3xD, arrays["head_cols_HxA"], axis=3) * mask_HxA[None, None, None]
+    )
+    q_BxLxHxA, k_BxLxHxA, v_BxLxHxA = (g_BxLx3xHxA[:, :, t] for t in range(3))
+    logits_BxHxLxL = jnp.einsum("bqha,bsha->bhqs", q_BxLxHxA, k_BxLxHxA) * scale
     logits_BxHxLxL = logits_BxHxLxL.astype(jnp.float32)
     if causal:
         length = x_BxLxD.shape[1]
         mask_1x1xLxL = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
         logits_BxHxLxL = jnp.where(mask_1x1xLxL, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
     probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(x_BxLxD.dtype)
-    out_BxHxLxD = jnp.einsum("bhqs,bse->bhqe", probs_BxHxLxL, v_BxLxD)
-    out_BxLxD = jnp.einsum("bhqe,he->bqe", out_BxHxLxD, heads_HxD.astype(out_BxHxLxD.dtype))
+    out_BxLxHxA = jnp.einsum("bhqs,bsha->bqha", probs_BxHxLxL, v_BxLxHxA)
+    b, length, h, a = out_BxLxHxA.shape
+    # Back to the D columns (a padded column reads (0, 0); proj's padded rows are 0).
+    out_BxLxD = jnp.take(out_BxLxHxA.reshape(b, length, h * a), arrays["attn_cols_D"], axis=2)
     return jnp.einsum("bqe,ed->bqd", out_BxLxD, proj["kernel"]) + proj["bias"][None, None]
 
 
@@ -609,14 +647,13 @@ def _blocks(bucket: Bucket, blocks: Mapping, arrays: Mapping, x_BxLxD: jax.Array
     family = bucket.family
     names, eps = _BLOCK_NAMES[family], _EPS[family]
     width, scale = arrays["width"], arrays["attn_scale"].astype(x_BxLxD.dtype)
-    heads_HxD = arrays["heads_HxD"].astype(x_BxLxD.dtype)
 
     def block(x_BxLxD, xs):
         p, on = xs
         on = on.astype(x_BxLxD.dtype)
         h_BxLxD = _layer_norm(x_BxLxD, _get(p, names["ln1"]), width, eps)
         qkv, proj = _get(p, names["qkv"]), _get(p, names["proj"])
-        attn = _attention(h_BxLxD, qkv, proj, heads_HxD, scale, family == "gpt2")
+        attn = _attention(h_BxLxD, qkv, proj, arrays, scale, family == "gpt2")
         x_BxLxD = x_BxLxD + on * attn
         h_BxLxD = _layer_norm(x_BxLxD, _get(p, names["ln2"]), width, eps)
         mlp = _mlp(h_BxLxD, _get(p, names["fc1"]), _get(p, names["fc2"]), family == "gpt2")
