@@ -1,8 +1,12 @@
 """Prediction cost per preset, each in a fresh subprocess (so peak RSS is its own).
 
-Per preset: trace seconds, compile seconds, warm predict seconds, peak RSS
-during prediction, predicted bytes, and, in the same process afterwards, the
-seconds the family's own random init of the same model takes.
+Per preset, from a fresh process with JAX's persistent compilation cache off:
+import and GHN construction seconds, trace seconds, the first predict (its
+programs compiled, then run) and the warm predict, `cold_total_s` (process start
+to every parameter predicted, what a one-shot user waits for), peak RSS, predicted
+bytes; then a second architecture of the same family in the same process (first
+call and warm call, `second_over_warm`); and, afterwards, the seconds the family's
+own random init of the same model takes.
 
     python benchmarks/predict.py [preset ...] [--config tiny]
 """
@@ -12,55 +16,78 @@ import subprocess
 import sys
 
 PRESETS = ["vit-s", "vit-b", "vit-l", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
+# The architecture predicted second in the same process.
+SECOND = {
+    "vit-s": "vit-b",
+    "vit-b": "vit-s",
+    "vit-l": "vit-b",
+    "gpt2": "gpt2-medium",
+    "gpt2-medium": "gpt2",
+    "gpt2-large": "gpt2-medium",
+    "gpt2-xl": "gpt2-large",
+}
 
 CHILD = r"""
 import json, sys, time
+import psutil
+start = psutil.Process().create_time()
 sys.path.insert(0, "benchmarks")
 from common import RSSSampler, Timer, machine, peak_rss_mb
-import jax
-from flax import nnx
-import ghn
-from ghn.hypernet.predict import _compiled, prepare
+with Timer() as t_import:
+    import jax
+    from flax import nnx
+    import ghn
+    from ghn.hypernet import predict as predict_lib
 
-name, size = sys.argv[1], sys.argv[2]
-spec = ghn.zoo.get(name)
+name, second, size = sys.argv[1], sys.argv[2], sys.argv[3]
 with Timer() as t_ghn:
     hyper = ghn.GHN(ghn.GHNConfig.named(size), rngs=nnx.Rngs(0))
-graphdef, state = nnx.split(hyper)
-with Timer() as t_abstract:
+    jax.block_until_ready(nnx.state(hyper))
+compiled = []
+_compile_all = predict_lib._compile_all
+predict_lib._compile_all = lambda jobs: compiled.append(_compile_all(jobs)) or compiled[-1]
+
+
+def first_and_warm(spec):
     model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
-x = spec.input_spec(batch_size=1)
-with Timer() as t_trace:
-    prep = prepare(model, (x,), hyper.config)
-with Timer() as t_compile:
-    fn = _compiled(graphdef, prep.plan, None)
-    compiled = fn.lower(state, prep.batch).compile()
-with Timer() as t_first:
-    jax.block_until_ready(hyper.predict(model, x))
-times = []
-params = None
-for _ in range(2):
-    del params  # keep one set of predicted parameters alive at a time
-    with RSSSampler() as rss, Timer() as t:
-        params = hyper.predict(model, x)
-        jax.block_until_ready(params)
-    times.append(t.seconds)
+    x = spec.input_spec(batch_size=1)
+    with Timer() as t_trace:
+        predict_lib.prepare(model, (x,), hyper.config)
+    with Timer() as t_first:
+        params = jax.block_until_ready(hyper.predict(model, x))
+    done = time.time()
+    del params
+    with RSSSampler() as rss, Timer() as t_warm:
+        params = jax.block_until_ready(hyper.predict(model, x))
+    return model, params, t_trace.seconds, t_first.seconds, done, t_warm.seconds, rss
+
+
+spec = ghn.zoo.get(name)
+model, params, trace_s, first_s, done, warm_s, rss = first_and_warm(spec)
+programs = sum(compiled)
 nbytes = sum(v.nbytes for v in jax.tree.leaves(params))
-peak_lifetime = peak_rss_mb()
 del params
+_, params2, _, second_first, _, second_warm, _ = first_and_warm(ghn.zoo.get(second))
+del params2
+peak_lifetime = peak_rss_mb()
 with Timer() as t_random:
     m = spec.build(rngs=nnx.Rngs(0))
     jax.block_until_ready(nnx.state(m))
-warm = min(times)
 print(json.dumps({"bench": "predict", "preset": name, "ghn": size,
     "params": spec.num_params(), "predicted_mb": round(nbytes / 2**20),
-    "abstract_build_s": round(t_abstract.seconds, 3), "trace_s": round(t_trace.seconds, 3),
-    "compile_s": round(t_compile.seconds, 3), "first_predict_s": round(t_first.seconds, 3),
-    "warm_predict_s": round(warm, 3), "lifetime_peak_rss_mb": round(peak_lifetime),
+    "import_s": round(t_import.seconds, 3), "ghn_init_s": round(t_ghn.seconds, 3),
+    "trace_s": round(trace_s, 3), "programs_compiled": programs,
+    "first_predict_s": round(first_s, 3), "warm_predict_s": round(warm_s, 3),
+    "cold_total_s": round(done - start, 2),
+    "second": second, "second_first_s": round(second_first, 3),
+    "second_warm_s": round(second_warm, 3),
+    "second_over_warm": round(second_first / second_warm, 2),
+    "second_programs_compiled": sum(compiled) - programs,
+    "lifetime_peak_rss_mb": round(peak_lifetime),
     "rss_before_predict_mb": round(rss.start_mb), "predict_peak_rss_mb": round(rss.peak_mb),
     "predict_extra_over_predicted": round((rss.peak_mb - rss.start_mb) / (nbytes / 2**20), 2),
     "random_init_s": round(t_random.seconds, 3),
-    "predict_over_random_init": round(warm / t_random.seconds, 3), **machine()}))
+    "predict_over_random_init": round(warm_s / t_random.seconds, 3), **machine()}))
 """
 
 
@@ -73,7 +100,7 @@ def main():
         del args[i : i + 2]
     for name in args or PRESETS:
         out = subprocess.run(
-            [sys.executable, "-c", CHILD, name, size], capture_output=True, text=True
+            [sys.executable, "-c", CHILD, name, SECOND[name], size], capture_output=True, text=True
         )
         if out.returncode != 0:
             print(json.dumps({"bench": "predict", "preset": name, "error": out.stderr[-3000:]}))

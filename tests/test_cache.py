@@ -42,25 +42,26 @@ def tiny_gpt(i: int):
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts /proc/self/maps")
 def test_many_predicted_architectures_keep_the_mapping_count_bounded(monkeypatch):
-    # Measured: each compiled XLA:CPU prediction program holds ~340 mappings, and the
-    # cache used to keep all of them; Linux stops a process at 65,530.
-    monkeypatch.setattr(predict_lib, "PROGRAMS", LRUCache(2))
-    config = ghn.GHNConfig(d_model=16, num_layers=1, num_heads=2, rank=4, max_dim=512)
+    # Measured: each compiled XLA:CPU program holds hundreds of mappings, and the cache
+    # used to keep all of them; Linux stops a process at 65,530. Each width below makes
+    # new layouts, so new decoding programs (~460 mappings per architecture here).
+    config = ghn.GHNConfig(d_model=16, num_layers=1, num_heads=2, rank=4, max_dim=1024)
     hyper = ghn.GHN(config, rngs=nnx.Rngs(0))
-    jax.block_until_ready(hyper.predict(*tiny_gpt(0)))
-    before = mapping_count()
-    jax.block_until_ready(hyper.predict(*tiny_gpt(1)))  # fills the cache: nothing evicted
-    per_program = mapping_count() - before
-    assert per_program > 20, per_program
-    full = mapping_count()
-    counts = []
-    for i in range(2, 12):
-        jax.block_until_ready(hyper.predict(*tiny_gpt(i)))
-        counts.append(mapping_count())
-    assert predict_lib.PROGRAMS.evictions == 10
-    # Ten more programs, each evicting one: unbounded, the count would grow by ~10x
-    # per_program; bounded, it stays within a program or two of the full cache's.
-    assert max(counts) - full < 3 * per_program, (full, counts, per_program)
+
+    def growth(cache: LRUCache, widths: range) -> int:
+        monkeypatch.setattr(predict_lib, "LEAF_PROGRAMS", cache)
+        jax.block_until_ready(hyper.predict(*tiny_gpt(widths[0])))
+        base, top = mapping_count(), 0
+        for i in widths[1:]:
+            jax.block_until_ready(hyper.predict(*tiny_gpt(i)))
+            top = max(top, mapping_count())
+        return top - base
+
+    unbounded = growth(LRUCache(10**6), range(0, 11))
+    bounded = growth(LRUCache(8), range(11, 22))  # about one architecture's programs
+    assert predict_lib.LEAF_PROGRAMS.evictions >= 10
+    assert unbounded > 1000, unbounded
+    assert bounded < unbounded / 10, (bounded, unbounded)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import ghn
 from ghn import zoo
 from ghn.graph import ExampleInputError
 from ghn.hypernet import make_plan, residual_projections
+from ghn.hypernet import predict as predict_lib
 
 
 @pytest.fixture(scope="module")
@@ -221,13 +222,58 @@ def test_decoder_variants_predict(overrides):
         assert numerical_rank(emb) <= hyper.config.rank
 
 
-def test_fast_compile_gives_the_same_parameters(hyper):
-    model, x = custom_models()["cnn"]
-    a = hyper.predict(model, x)
-    b = hyper.predict(model, x, fast_compile=True)
-    # Two programs (XLA backend optimizations on and off) that differ in fusion, kernels
-    # and summation order at every stage: round-off along the whole prediction, i.e. the
-    # encoder's layers, the decoder MLP, Z = ReLU(M) W2, the normalization's sums over
-    # the matrix and the rank-r contraction A @ B (tolerances.ghn_reduction), against
-    # each parameter's max |value|.
-    assert_trees_close(b, a, reduction=predict_reduction(hyper, model, x))
+def _one_program(hyper, model, x):
+    """Every parameter from one jit-compiled `predict_leaves`: the reference the staged
+    programs are pinned against (meta-training differentiates through this one)."""
+    prepared = predict_lib.prepare(model, (x,), hyper.config)
+    graphdef, state = nnx.split(hyper)
+    fn = jax.jit(lambda s, b: predict_lib.predict_leaves(nnx.merge(graphdef, s), b, prepared.plan))
+    return jax.tree_util.tree_unflatten(prepared.treedef, fn(state, prepared.batch))
+
+
+@pytest.mark.parametrize("name", ["cnn", "mixer", "gpt2", "vit"])
+def test_staged_prediction_equals_the_one_program(hyper, name):
+    """Conv layouts, dense kernels in both orders, embeddings, 1-D parameters in calls of
+    16 (padded) and matrices in calls of 8/4/2/1 all land on their own leaves."""
+    if name in ("gpt2", "vit"):
+        spec = {
+            "gpt2": zoo.GPT2Spec(depth=7, width=32, num_heads=4, vocab_size=64, context_length=16),
+            "vit": small_specs()["vit"],
+        }[name]
+        model, x = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))), spec.input_spec()
+    else:
+        model, x = custom_models()[name]
+    staged = hyper.predict(model, x)
+    # Two sets of programs (backend optimizations off and on, other fusion and summation
+    # order at every stage): round-off along the whole prediction, i.e. the encoder's
+    # layers, the decoder MLP, Z = ReLU(M) W2, the normalization's sums over the matrix
+    # and the rank-r contraction A @ B (tolerances.ghn_reduction), against each
+    # parameter's max |value|.
+    assert_trees_close(
+        staged, _one_program(hyper, model, x), reduction=predict_reduction(hyper, model, x)
+    )
+
+
+def test_programs_follow_layouts_not_depth(hyper):
+    """A deeper model of the same width compiles no new decoding program: calls are keyed
+    by layout and take 8, 4, 2 or 1 matrices (16 and 32 blocks: 8-matrix calls only)."""
+
+    def gpt(depth):
+        spec = zoo.GPT2Spec(depth=depth, width=32, num_heads=4, vocab_size=64, context_length=8)
+        return nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))), spec.input_spec()
+
+    compiled = []
+    original = predict_lib._compile_all
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(predict_lib, "_compile_all", lambda jobs: compiled.append(original(jobs)))
+        jax.block_until_ready(hyper.predict(*gpt(16)))
+        programs = len(predict_lib.LEAF_PROGRAMS)
+        jax.block_until_ready(hyper.predict(*gpt(32)))
+        assert len(predict_lib.LEAF_PROGRAMS) == programs
+        # At most the encoder again: 32 blocks pad the graph to a larger node bucket.
+        assert compiled[0] > 4 and compiled[1] <= 1, compiled
+        jax.block_until_ready(hyper.predict(*gpt(32)))
+        assert compiled[2] == 0
+    model, x = gpt(32)
+    calls = predict_lib.leaf_calls(predict_lib.prepare(model, (x,), hyper.config).plan, True)
+    assert {len(c.leaves) for c in calls if c.key.kind == "matrix"} == {1, 8}

@@ -1,6 +1,6 @@
 """Float tolerances derived from float32 round-off, never fitted to one machine's output.
 
-Two programs that compute the same float32 function (fast_compile vs optimized,
+Two programs that compute the same float32 function (staged vs one-program prediction,
 batched vs unbatched, sharded vs single device, 2 processes vs 1) agree only up
 to round-off, and how much depends on the machine: XLA:CPU picks its GEMM and
 reduction kernels (blocking, vector width, FMA or not, summation order) per CPU,

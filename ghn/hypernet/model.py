@@ -31,10 +31,8 @@ class GHN(nnx.Module):
     def __call__(self, batch: GraphBatch) -> jax.Array:
         return self.encode(batch)
 
-    def predict(
-        self, model: nnx.Module, *example_inputs, sharding=None, fast_compile: bool = False
-    ) -> nnx.State:
-        """Predicts every parameter of `model` in one jit-compiled call.
+    def predict(self, model: nnx.Module, *example_inputs, sharding=None) -> nnx.State:
+        """Predicts every parameter of `model`.
 
         Args:
           model: any NNX module; may be abstract (`nnx.eval_shape`), so no
@@ -44,14 +42,12 @@ class GHN(nnx.Module):
             every parameter, a pytree of shardings matching the state, a
             `Mesh` or "auto" (each parameter's largest divisible axis split
             over the devices).
-          fast_compile: compile with XLA's backend optimizations off: on CPU
-            the first call is 2-4x faster, later calls up to ~1.4x slower.
 
         Returns:
           An `nnx.State` with exactly the tree, shapes and dtypes of
           `nnx.state(model, nnx.Param)`. Differentiable w.r.t. this GHN.
         """
-        return predict(self, model, *example_inputs, sharding=sharding, fast_compile=fast_compile)
+        return predict(self, model, *example_inputs, sharding=sharding)
 
 
 def num_params(config: GHNConfig) -> int:

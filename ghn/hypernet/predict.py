@@ -11,7 +11,9 @@ the predicted parameters plus the GHN plus factors of size O(r * (rows + cols)).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,35 +87,43 @@ def make_plan(graph: Graph) -> Plan:
     return Plan(groups, infos, dtypes)
 
 
-def _decode_group(ghn, nodes_NxD, group: Group, low_rank: bool) -> list[tuple[int, jax.Array]]:
-    e_GxD = nodes_NxD[jnp.asarray(group.nodes)]
-    if group.kind == "vector":
-        w_Gx2xI = ghn.decoder.full(e_GxD, 2, group.cols)
-        raw_GxI = w_Gx2xI[jnp.arange(len(group.nodes)), jnp.asarray(group.vector_rows)]
-        amp = jnp.asarray(group.scales, raw_GxI.dtype)[:, None]
-        center = jnp.asarray(group.centers, raw_GxI.dtype)[:, None]
-        vals_GxI = center + amp * jnp.tanh(raw_GxI)
-        return [(leaf, vals_GxI[i]) for i, leaf in enumerate(group.leaves)]
-
-    std_G = jnp.asarray(group.scales, jnp.float32)
-    size = group.rows * group.cols
+def _decode(decoder, e_GxD, kind, rows, cols, vrow_G, scale_G, center_G, low_rank: bool):
+    """Decoded values of G parameters of one (kind, rows, cols): vectors (G, cols),
+    low-rank matrices their rescaled factors (A_GxOxr, B_Gxrxc), tiled ones W_GxOxI."""
+    if kind == "vector":
+        w_Gx2xI = decoder.full(e_GxD, 2, cols)
+        raw_GxI = jnp.take_along_axis(w_Gx2xI, vrow_G[:, None, None], axis=1)[:, 0]
+        return center_G[:, None] + scale_G[:, None] * jnp.tanh(raw_GxI)
+    size = rows * cols
     if low_rank:
-        a_GxOxr, b_GxrxI = ghn.decoder.factors(e_GxD, group.rows, group.cols)
+        a_GxOxr, b_GxrxI = decoder.factors(e_GxD, rows, cols)
         # ||A B||_F^2 = sum((A^T A) * (B B^T)): the scale costs O(r^2 (R + C)),
         # never a pass over the full matrix.
         ata = jnp.einsum("gRr,gRs->grs", a_GxOxr, a_GxOxr)
         bbt = jnp.einsum("grC,gsC->grs", b_GxrxI, b_GxrxI)
         sq = jnp.sum(ata * bbt, axis=(1, 2))
-        a_GxOxr = a_GxOxr * (std_G * jax.lax.rsqrt(sq / size + EPS))[:, None, None]
+        a_GxOxr = a_GxOxr * (scale_G * jax.lax.rsqrt(sq / size + EPS))[:, None, None]
+        return a_GxOxr, b_GxrxI
+    w_GxOxI = decoder.full(e_GxD, rows, cols)
+    sq = jnp.sum(jnp.square(w_GxOxI), axis=(1, 2))
+    return w_GxOxI * (scale_G * jax.lax.rsqrt(sq / size + EPS))[:, None, None]
+
+
+def _decode_group(ghn, nodes_NxD, group: Group, low_rank: bool) -> list[tuple[int, jax.Array]]:
+    e_GxD = nodes_NxD[jnp.asarray(group.nodes)]
+    scale_G = jnp.asarray(group.scales, jnp.float32)
+    center_G = jnp.asarray(group.centers, jnp.float32)
+    vrow_G = jnp.asarray(group.vector_rows, jnp.int32)
+    out = _decode(
+        ghn.decoder, e_GxD, group.kind, group.rows, group.cols, vrow_G, scale_G, center_G, low_rank
+    )
+    if isinstance(out, tuple):
         # Materialize the factors: an elementwise producer fused into a dot
         # turns XLA:CPU's GEMM call into a naive loop nest (~6x slower).
-        factors = [(a_GxOxr[i], b_GxrxI[i]) for i in range(len(group.leaves))]
+        factors = [(out[0][i], out[1][i]) for i in range(len(group.leaves))]
         factors = jax.lax.optimization_barrier(factors)
         return list(zip(group.leaves, factors))
-    w_GxOxI = ghn.decoder.full(e_GxD, group.rows, group.cols)
-    sq = jnp.sum(jnp.square(w_GxOxI), axis=(1, 2))
-    w_GxOxI = w_GxOxI * (std_G * jax.lax.rsqrt(sq / size + EPS))[:, None, None]
-    return [(leaf, w_GxOxI[i]) for i, leaf in enumerate(group.leaves)]
+    return [(leaf, out[i]) for i, leaf in enumerate(group.leaves)]
 
 
 def _direct_einsum(info: ParamInfo) -> str | None:
@@ -173,27 +183,232 @@ def predict_leaves(ghn, batch: GraphBatch, plan: Plan, graph_index: int = 0) -> 
     return leaves
 
 
-# XLA's backend optimizations dominate compile time on CPU (e.g. 18.7 s -> 3.9 s
-# for GPT-2) while the big GEMMs are library calls either way.
+@dataclasses.dataclass(frozen=True)
+class LeafKey:
+    """What one parameter's prediction program depends on: its decoded (kind, rows,
+    cols), its layout (a `ParamInfo` with path, node and role blanked), dtype and
+    decoder kind. Every parameter of one layout (a model's blocks, the models of a
+    family at one width) shares one program, so compile time follows the distinct
+    layouts, not the depth or the number of parameters."""
+
+    kind: str
+    rows: int
+    cols: int
+    layout: ParamInfo
+    dtype: str
+    low_rank: bool
+
+
+# Parameters per program call. 1-D parameters are cheap and many (a GPT-2 Large has
+# 290): 16 to a call, the last call of a layout repeating its last parameter. Matrices
+# go 8, 4, 2 or 1 to a call (the count of a layout split into those, largest first, so
+# nothing is computed twice): XLA:CPU overlaps one call's decoding and GEMMs, which
+# separate calls per matrix would lose (measured ~1.3x slower on 2 cores).
+VECTOR_CHUNK = 16
+MATRIX_CHUNKS = (8, 4, 2, 1)
+
+
+def _spans(n: int, kind: str) -> list[tuple[int, int]]:
+    """(start, count) of the calls covering n parameters of one layout."""
+    if kind == "vector":
+        return [(s, min(VECTOR_CHUNK, n - s)) for s in range(0, n, VECTOR_CHUNK)]
+    spans, start = [], 0
+    for c in MATRIX_CHUNKS:
+        while n - start >= c:
+            spans.append((start, c))
+            start += c
+    return spans
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One program call: parameters `leaves` (flat-state order) of one `LeafKey`, with
+    their int32 (node, decoded row of a vector) and float32 (scale, center) rows,
+    padded by repeating the last one."""
+
+    key: LeafKey
+    leaves: tuple[int, ...]
+    ints_Gx2: np.ndarray
+    floats_Gx2: np.ndarray
+
+
+def leaf_calls(plan: Plan, low_rank: bool) -> list[Call]:
+    """The program calls that predict every parameter of `plan`."""
+    by_key: dict[LeafKey, list] = {}
+    for g in plan.groups:
+        for i, leaf in enumerate(g.leaves):
+            info = plan.infos[leaf]
+            layout = dataclasses.replace(info, path="", node=0, role="")
+            key = LeafKey(g.kind, g.rows, g.cols, layout, plan.dtypes[leaf], low_rank)
+            row = (leaf, g.nodes[i], g.vector_rows[i], g.scales[i], g.centers[i])
+            by_key.setdefault(key, []).append(row)
+    calls = []
+    for key, rows in by_key.items():
+        for start, count in _spans(len(rows), key.kind):
+            chunk = rows[start : start + count]
+            size = VECTOR_CHUNK if key.kind == "vector" else count
+            padded = chunk + [chunk[-1]] * (size - count)
+            ints = np.asarray([r[1:3] for r in padded], np.int32)
+            floats = np.asarray([r[3:5] for r in padded], np.float32)
+            calls.append(Call(key, tuple(r[0] for r in chunk), ints, floats))
+    return calls
+
+
+def _dense(key: LeafKey) -> str | None:
+    """A dense kernel's axis order, "io" or "oi"; None for every other layout."""
+    order = _direct_einsum(key.layout)
+    plain = key.layout.canonical_shape[2:] == (1, 1)
+    return order if plain and order in ("io", "oi") else None
+
+
+def predict_call(decoder, nodes_NxD, key: LeafKey, ints_Gx2, floats_Gx2) -> tuple:
+    """The parameters of one `Call`, each in its own layout: the arithmetic of
+    `predict_leaves` for them."""
+    e_GxD = jnp.take(nodes_NxD, ints_Gx2[:, 0], axis=0)
+    scale_G, center_G = floats_Gx2[:, 0], floats_Gx2[:, 1]
+    out = _decode(
+        decoder,
+        e_GxD,
+        key.kind,
+        key.rows,
+        key.cols,
+        ints_Gx2[:, 1],
+        scale_G,
+        center_G,
+        key.low_rank,
+    )
+    g = ints_Gx2.shape[0]
+    if not isinstance(out, tuple):
+        return tuple(_to_layout(key.layout, out[i], key.dtype) for i in range(g))
+    a_GxOxr, b_GxrxI = out
+    order = _dense(key)
+    if order is None:
+        # Materialized before the GEMM, as in `_decode_group`.
+        values = jax.lax.optimization_barrier([(a_GxOxr[i], b_GxrxI[i]) for i in range(g)])
+        return tuple(_to_layout(key.layout, v, key.dtype) for v in values)
+    # A dense kernel: the GEMM's operands materialized row-major in the output's own
+    # order (rows x r, r x cols), the plain product XLA:CPU's GEMM runs fastest.
+    if order == "io":
+        pairs = [(b_GxrxI[i].T, a_GxOxr[i].T) for i in range(g)]
+    else:
+        pairs = [(a_GxOxr[i], b_GxrxI[i]) for i in range(g)]
+    pairs = jax.lax.optimization_barrier(pairs)
+    dt = key.dtype
+    return tuple((a.astype(dt) @ b.astype(dt)).reshape(key.layout.shape) for a, b in pairs)
+
+
+# XLA's backend optimizations dominate compile time on CPU (e.g. 18.7 s -> 3.9 s for
+# a whole-model GPT-2 program), while the GEMMs that dominate prediction are library
+# calls either way.
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0}
 
+# Compiled programs kept alive (each holds memory mappings on CPU; see ghn/cache.py).
+# A sweep over more layouts recompiles the oldest, from JAX's persistent cache when on.
+ENCODERS: LRUCache = LRUCache(16)
+LEAF_PROGRAMS: LRUCache = LRUCache(256)
 
-# Compiled prediction programs kept alive (~340 memory mappings each on CPU; see
-# ghn/cache.py). A sweep over more architectures recompiles the oldest, from
-# JAX's persistent cache when it is on.
-PROGRAMS: LRUCache = LRUCache(32)
+
+@dataclasses.dataclass
+class _Program:
+    """A jitted function and the argument shapes it has been compiled for."""
+
+    fn: Any
+    compiled: set = dataclasses.field(default_factory=set)
 
 
-def _compiled(graphdef, plan: Plan, out_shardings, fast_compile: bool = False):
+# The decoding programs read node embeddings padded to a multiple of this many rows (not
+# to the graph's own size bucket), so a deeper model reuses them: GPT-2 XL has 630 nodes.
+NODE_ROWS = 1024
+
+
+def _node_rows(num_nodes: int) -> int:
+    return -(-num_nodes // NODE_ROWS) * NODE_ROWS
+
+
+def _encoder_program(graphdef) -> _Program:
+    def run(state, batch):
+        nodes_NxD = nnx.merge(graphdef, state).encode(batch)[0].astype(jnp.float32)
+        n = nodes_NxD.shape[0]
+        return jnp.pad(nodes_NxD, ((0, _node_rows(n) - n), (0, 0)))
+
+    return ENCODERS.get_or_build(
+        graphdef, lambda: _Program(jax.jit(run, compiler_options=FAST_COMPILE_OPTIONS))
+    )
+
+
+def _call_program(decoder_graphdef, key: LeafKey, shardings) -> _Program:
     def build():
-        def run(state, batch):
-            ghn = nnx.merge(graphdef, state)
-            return tuple(predict_leaves(ghn, batch, plan))
+        def run(decoder_state, nodes_NxD, ints_Gx2, floats_Gx2):
+            decoder = nnx.merge(decoder_graphdef, decoder_state)
+            return predict_call(decoder, nodes_NxD, key, ints_Gx2, floats_Gx2)
 
-        options = FAST_COMPILE_OPTIONS if fast_compile else None
-        return jax.jit(run, out_shardings=out_shardings, compiler_options=options)
+        options = FAST_COMPILE_OPTIONS
+        return _Program(jax.jit(run, out_shardings=shardings, compiler_options=options))
 
-    return PROGRAMS.get_or_build((graphdef, plan, out_shardings, fast_compile), build)
+    return LEAF_PROGRAMS.get_or_build((decoder_graphdef, key, shardings), build)
+
+
+def _compile_all(jobs: Sequence[tuple[_Program, tuple]]) -> int:
+    """Compiles the (program, example arguments) pairs not compiled yet, side by side
+    (XLA compiles without holding the GIL; later calls hit jit's own cache). Returns
+    how many it compiled."""
+    todo = {}
+    for program, args in jobs:
+        shapes = _input_key(args)
+        if shapes not in program.compiled:
+            todo[id(program), shapes] = (program, shapes, args)
+    if todo:
+        workers = min(len(todo), os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda job: job[0].fn.lower(*job[2]).compile(), todo.values()))
+        for program, shapes, _ in todo.values():
+            program.compiled.add(shapes)
+    return len(todo)
+
+
+def predict_staged(ghn, prepared: Prepared, shardings=None) -> list[jax.Array]:
+    """The parameters of `prepared`'s model (flat-state order), program by program.
+
+    Programs are keyed by what repeats, not by the model: the graph's encoding (per
+    graph-size bucket), then the parameters of one layout (`LeafKey`) a few at a time
+    (`Call`): decoded, rescaled and multiplied out in their own layout. They are
+    reused across layers, architectures and calls, so compile time follows the
+    distinct layouts, not depth; the programs a call needs are compiled together, in
+    parallel threads. Differentiable w.r.t. the GHN: under `jax.grad` or `jax.jit`
+    the same functions are traced into the caller's program.
+    """
+    graphdef, state = nnx.split(ghn)
+    decoder_graphdef, decoder_state = nnx.split(ghn.decoder)
+    low_rank = getattr(ghn.config, "decoder", "lowrank") == "lowrank"
+    calls, args = prepared.calls(low_rank)
+    encode = _encoder_program(graphdef)
+    leaves: list[Any] = [None] * len(prepared.plan.infos)
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
+        # Inside jax.grad / jit: the same functions, traced into the caller's program.
+        nodes_NxD = ghn.encode(prepared.batch)[0].astype(jnp.float32)
+        for call in calls:
+            values = predict_call(ghn.decoder, nodes_NxD, call.key, call.ints_Gx2, call.floats_Gx2)
+            for leaf, value in zip(call.leaves, values, strict=False):
+                leaves[leaf] = value
+        return leaves
+    programs = []
+    for call in calls:
+        sh = None
+        if shardings is not None:
+            sh = tuple(shardings[i] for i in call.leaves)
+            sh += (sh[-1],) * (len(call.ints_Gx2) - len(sh))
+        programs.append(_call_program(decoder_graphdef, call.key, sh))
+    rows = _node_rows(prepared.batch.num_nodes)
+    nodes = jax.ShapeDtypeStruct((rows, ghn.config.d_model), jnp.float32)
+    jobs = [(encode, (state, prepared.batch))]
+    jobs += [(fn, (decoder_state, nodes, *a)) for fn, a in zip(programs, args, strict=True)]
+    _compile_all(jobs)
+    nodes_NxD = encode.fn(state, prepared.batch)
+    for program, call, a in zip(programs, calls, args, strict=True):
+        values = program.fn(decoder_state, nodes_NxD, *a)
+        for leaf, value in zip(call.leaves, values, strict=False):
+            leaves[leaf] = value
+    return leaves
 
 
 @dataclasses.dataclass
@@ -204,6 +419,15 @@ class Prepared:
     batch: GraphBatch
     plan: Plan
     treedef: Any
+    _calls: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def calls(self, low_rank: bool) -> tuple[list[Call], list[tuple[jax.Array, jax.Array]]]:
+        """`leaf_calls` of the plan and their arguments on the device, made once."""
+        if low_rank not in self._calls:
+            calls = leaf_calls(self.plan, low_rank)
+            args = jax.device_put([(c.ints_Gx2, c.floats_Gx2) for c in calls])
+            self._calls[low_rank] = (calls, [tuple(a) for a in args])
+        return self._calls[low_rank]
 
 
 # Traced graphs and plans (host memory only).
@@ -277,15 +501,11 @@ def check_fits(plan: Plan, config) -> None:
         check_width(max(rows, cols), config.max_dim, config.past_max_dim, what)
 
 
-def predict(
-    ghn, model: nnx.Module, *example_inputs, sharding=None, fast_compile: bool = False
-) -> nnx.State:
+def predict(ghn, model: nnx.Module, *example_inputs, sharding=None) -> nnx.State:
     """Predicts all parameters of `model`; see `GHN.predict`."""
     prepared = prepare(model, example_inputs, ghn.config)
-    graphdef, state = nnx.split(ghn)
     shardings = _normalize_shardings(sharding, prepared)
-    fn = _compiled(graphdef, prepared.plan, shardings, fast_compile)
-    leaves = fn(state, prepared.batch)
+    leaves = predict_staged(ghn, prepared, shardings)
     return jax.tree_util.tree_unflatten(prepared.treedef, leaves)
 
 
