@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
     # ~1e-4 of their norm, as any two programs whose round-off flips the decoder's ReLUs.
     c.archs.bucketed = True
     # Shape buckets in all, at least one per group of architectures that share their
-    # fixed fields (patch and image size, vocabulary, ...); cut along the head width
+    # fixed fields (patch and image size, vocabulary, ...); cut along width, depth
+    # and head count to minimize padded weights plus attention
     # (ghn.zoo.bucketed.partition). A step's m architectures come from one bucket, so
     # each bucket is one training program.
     c.archs.buckets = 6
