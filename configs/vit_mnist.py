@@ -3,13 +3,15 @@
     python train.py --config configs/vit_mnist.py --workdir /tmp/w
 
 Hardware: 2 CPU cores suffice (a laptop or CI runner). Time: 2-4 minutes
-(3 min 43 s measured on 2 cores from a cold compilation cache; ~65 s of it
+(3 min 21 s measured on 2 cores from a cold compilation cache; ~47 s of it
 compiling: one bucketed training program for the 4 ViTs, plus the held-out
 and larger ViTs' evaluation programs). Measured: the task loss of the
-predicted ViTs falls from ~2.5 to 1.37 (training accuracy 0.10 -> 0.51) over
-the 800 steps; held-out ViTs reach 0.43 and 0.07 accuracy with predicted
-parameters and no training, the larger ViT 0.10: four training architectures
-generalize little. Broader 800-1400-step variants (the stream over the 17
+predicted ViTs falls from ~2.5 to 1.25 (training accuracy 0.10 -> 0.57) over
+the 800 steps; held-out ViTs reach 0.24 and 0.09 accuracy with predicted
+parameters and no training, the larger ViT 0.10 (an earlier build of the
+same config, differing only in float32 round-off of the bucketed attention:
+loss 1.37, held-out 0.43 and 0.07): four training architectures generalize
+little and unstably. Broader 800-1400-step variants (the stream over the 17
 ViTs of these ranges, or 26 with 1-3 blocks and width 16-64) fit less in
 this budget and reach 0.20-0.27 on held-out ViTs (RESULTS.md, "Default job").
 The shipped `vit-mnist` GHN is this config with 16 architectures and 4000
