@@ -1,12 +1,19 @@
-"""Predicting every parameter of a model in one jit-compiled call.
+"""Predicting every parameter of a model.
 
 Host side, once per architecture: trace the graph, pad it into a
 `GraphBatch`, and group its parameters into a static `Plan` (parameters of
 the same decoded shape and kind are decoded together). Device side: encode
-the graph once, decode each group's low-rank factors in one batched call,
-rescale the factors (not the full matrices) with the normalization table,
-and multiply each parameter out directly in its final layout. Peak memory is
-the predicted parameters plus the GHN plus factors of size O(r * (rows + cols)).
+the graph once, decode the low-rank factors of parameters of one layout
+together, rescale the factors (not the full matrices) with the normalization
+table, and multiply each parameter out directly in its final layout. Peak
+memory is the predicted parameters plus the GHN plus factors of size
+O(r * (rows + cols)).
+
+Two forms of the same arithmetic: `predict_leaves`, one pure function of the
+whole model (what meta-training jits and differentiates), and `predict_staged`,
+what `GHN.predict` runs: programs keyed by parameter layout and graph-size
+bucket, reused across layers, architectures and calls, so a new architecture
+compiles only the layouts it has not met (tested equal to the first).
 """
 
 from __future__ import annotations
