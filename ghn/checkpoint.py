@@ -47,15 +47,17 @@ def error_summary(e: Exception) -> str:
 
 
 class _UnreadRestoreErrors(logging.Filter):
-    """Drops asyncio's report of an Orbax read task whose error was never retrieved."""
+    """Drops asyncio's report of an Orbax/TensorStore read whose error was never retrieved."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not (
-            message.startswith("Task exception was never retrieved")
-            and "orbax" in message
-            and "deserialize" in message
+        # asyncio reports an unread Task or an unread Future; TensorStore's errors carry
+        # their JSON spec, Orbax's deserializing tasks their module names.
+        unread = message.startswith(
+            ("Task exception was never retrieved", "Future exception was never retrieved")
         )
+        ours = ("orbax" in message and "deserialize" in message) or "tensorstore_spec" in message
+        return not (unread and ours)
 
 
 def drop_closed_loop_errors() -> None:

@@ -1,5 +1,6 @@
 """User errors at the command line: one `error:` line, exit status 2, no traceback."""
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -126,3 +127,19 @@ def test_exit_on_user_error_prints_the_message_alone(capsys):
     with pytest.raises(KeyError), exit_on_user_error():
         raise KeyError("a bug")
     assert issubclass(ConfigError, ValueError) and issubclass(ConfigError, GHNError)
+
+
+def test_unread_restore_errors_are_dropped_from_the_log():
+    """asyncio logs a failed read nobody awaited as an unread Task or Future; both
+    forms of a TensorStore/Orbax read are dropped, anything else is kept."""
+    from ghn.checkpoint import _UnreadRestoreErrors
+
+    def record(message):
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, None, None)
+
+    keep = _UnreadRestoreErrors().filter
+    spec = "ValueError('OUT_OF_RANGE: Error opening \"zarr\" driver [tensorstore_spec=...]')"
+    assert not keep(record(f"Future exception was never retrieved\nfuture: <Future {spec}>"))
+    assert not keep(record("Task exception was never retrieved orbax ... deserialize ..."))
+    assert keep(record("Future exception was never retrieved\nfuture: <Future ValueError('x')>"))
+    assert keep(record(f"something else {spec}"))
