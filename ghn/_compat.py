@@ -17,9 +17,11 @@ falls back to the public, slower path with one `CompatWarning`, or raises
    NumPy argument that flax would then increment in place. Guard: the structure is
    checked on every call, and on first use a probe draws keys from a host-counted and
    a stock stream and compares them; on failure, a warning and a stock
-   `nnx.Rngs(params=rngs.params())` (same parameters, only slower). On upgrade check
-   `flax/nnx/rnglib.py` `RngStream.__init__`/`__call__` and `Variable.get_value`/
-   `set_value` in `flax/nnx/variablelib.py`.
+   `nnx.Rngs(params=rngs.params())` (same parameters, only slower). The probe compiles
+   a few PRNG programs (~0.4-1 s in a fresh process), so shape-only builds, whose drawn
+   values are discarded, skip it (`check_keys=False`) and keep the structure check. On
+   upgrade check `flax/nnx/rnglib.py` `RngStream.__init__`/`__call__` and
+   `Variable.get_value`/`set_value` in `flax/nnx/variablelib.py`.
 2. `patched_calls(classes, wrap)` replaces `__call__` on module classes for the
    length of a `with` block; `ghn.trace` uses it to run each submodule's forward under
    `jax.named_scope`, since NNX names no scopes itself. Relies on: NNX module classes
@@ -160,7 +162,7 @@ def _host_counting_works() -> bool:
     return True
 
 
-def host_counted(rngs: nnx.Rngs) -> nnx.Rngs:
+def host_counted(rngs: nnx.Rngs, *, check_keys: bool = True) -> nnx.Rngs:
     """A fresh Rngs seeded with one key from `rngs`, whose draw counter lives on the host.
 
     Draws the same keys as `nnx.Rngs(params=rngs.params())`, so builds the same
@@ -168,10 +170,13 @@ def host_counted(rngs: nnx.Rngs) -> nnx.Rngs:
     `nnx.eval_shape` is linear instead of quadratic in the number of layers (see
     the module docstring). A spec's model thus differs from the same module
     constructed directly with `rngs`; both are deterministic. If flax's Rngs
-    changed, warns once and returns that stock Rngs.
+    changed, warns once and returns that stock Rngs. `check_keys=False` skips the
+    probe that the keys are flax's (it compiles): only for builds under
+    `nnx.eval_shape`, whose values are discarded.
     """
     key = rngs.params()
-    local = _host_counted(key) if _host_counting_works() else None
+    works = _host_counting_works() if check_keys else True
+    local = _host_counted(key) if works else None
     if local is None:
         _warn_once("host_counted", "nnx.Rngs streams no longer hold an nnx.RngCount")
         return nnx.Rngs(params=key)

@@ -31,7 +31,7 @@ from ghn.checkpoint import (
     error_summary,
 )
 from ghn.errors import ConfigError, GHNError
-from ghn.hypernet import GHN, GHNConfig
+from ghn.hypernet import GHN, GHNConfig, abstract_ghn
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 FORMAT = 1
@@ -76,7 +76,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _abstract_params(config: GHNConfig):
     """(graphdef, abstract Param state, its pure-dict view) of a GHN of `config`."""
-    abstract = nnx.eval_shape(lambda: GHN(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_ghn(config)
     state = nnx.state(abstract, nnx.Param)
     return nnx.graphdef(abstract), state, nnx.to_pure_dict(state)
 
@@ -98,9 +98,12 @@ def _lookup(raw, path) -> Any:
     return node
 
 
-def _build(config: GHNConfig, params: dict) -> GHN:
-    """A GHN of `config` holding `params` (a nested dict; string keys for ints are fine)."""
-    graphdef, state, abstract = _abstract_params(config)
+def _build(config: GHNConfig, params: dict, abstract_params=None) -> GHN:
+    """A GHN of `config` holding `params` (a nested dict; string keys for ints are fine).
+
+    `abstract_params` is `_abstract_params(config)` if the caller has it already.
+    """
+    graphdef, state, abstract = abstract_params or _abstract_params(config)
     leaves = []
     for path, a in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         where = jax.tree_util.keystr(path)
@@ -116,7 +119,8 @@ def _build(config: GHNConfig, params: dict) -> GHN:
                 f"saved GHN parameter {where} has shape {x.shape}, config: {a.shape}: the "
                 "parameters and the recorded GHNConfig come from different GHNs"
             )
-        leaves.append(jax.numpy.asarray(x, a.dtype))
+        # Not jnp.asarray, which compiles a program per shape (JAX 0.10); this only copies.
+        leaves.append(jax.device_put(np.asarray(x, a.dtype)))
     pure = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
@@ -224,7 +228,8 @@ def load(
             "step out, or load the workdir it was exported from"
         )
     config = GHNConfig.from_json(record["ghn_config"])
-    _, _, abstract = _abstract_params(config)
+    abstract_params = _abstract_params(config)
+    abstract = abstract_params[2]
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
     drop_closed_loop_errors()
     try:
@@ -235,7 +240,7 @@ def load(
             f"the parameters in {path / 'params'} could not be restored ({error_summary(e)}); "
             "the directory is incomplete or corrupt: export or save the GHN again"
         ) from e
-    hyper = _build(config, params)
+    hyper = _build(config, params, abstract_params)
     info = {"source": str(path), **record}
     return (hyper, info) if with_info else hyper
 

@@ -145,6 +145,14 @@ def test_host_counted_under_eval_shape(name, fresh_guards):
     assert param_avals(host) == param_avals(stock)
 
 
+def test_host_counted_without_key_check_compiles_no_probe(fresh_guards):
+    # Shape-only builds (ghn.hypernet.abstract_ghn) skip the probe, which compiles.
+    host = nnx.eval_shape(lambda: MLP(rngs=host_counted(nnx.Rngs(0), check_keys=False)))
+    assert _compat._host_counting_works.cache_info().currsize == 0
+    stock = nnx.eval_shape(lambda: MLP(rngs=nnx.Rngs(0)))
+    assert param_avals(host) == param_avals(stock)
+
+
 class _CounterStream(nnx.Pytree):
     """An RngStream as a later Flax might write it: the counter under another name."""
 
@@ -183,6 +191,17 @@ def test_host_counted_falls_back_to_flax_rngs(change, monkeypatch, fresh_guards)
     stock = MLP(rngs=nnx.Rngs(params=nnx.Rngs(0).params()))
     assert_same_params(host, stock)
     assert_same_params(again, stock)
+
+
+@pytest.mark.parametrize("change", ["counter renamed", "no RngCount"])
+def test_host_counted_without_key_check_still_checks_the_structure(
+    change, monkeypatch, fresh_guards
+):
+    FLAX_CHANGES[change](monkeypatch)
+    with pytest.warns(CompatWarning, match="ghn/_compat.py"):
+        host = nnx.eval_shape(lambda: MLP(rngs=host_counted(nnx.Rngs(0), check_keys=False)))
+    stock = nnx.eval_shape(lambda: MLP(rngs=nnx.Rngs(0)))
+    assert param_avals(host) == param_avals(stock)
 
 
 class Base(nnx.Module):

@@ -9,6 +9,7 @@ from flax import nnx
 from tolerances import assert_close, encoder_reduction
 
 import ghn
+from ghn.hypernet import init
 from ghn.hypernet.batch import SHAPE_VOCAB, GraphBatch, make_batch, padded_size, shape_bucket
 from ghn.hypernet.config import GHNConfig
 from ghn.hypernet.decoder import LowRankDecoder, TiledDecoder
@@ -43,6 +44,21 @@ def encode(model, batch):
 def embeddings(g, d, seed=0):
     # NumPy, not jax.random: every new shape would cost a PRNG compilation.
     return jnp.asarray(np.random.default_rng(seed).normal(size=(g, d)), jnp.float32)
+
+
+def test_attention_shapes_reach_the_encoder_only_when_configured(graphs):
+    small, _ = graphs
+    attn = np.asarray(small.node_ops) == "attn"
+    new = make_batch([small], SMALL).shape_ids_BxNx4[0, : small.num_nodes]
+    old = make_batch([small], SMALL.replace(attention_shapes=False)).shape_ids_BxNx4[0]
+    # Llama(heads=4, dim=32): 4 heads of width 8 on the attention node.
+    np.testing.assert_array_equal(new[attn], [shape_bucket([4, 8, 1, 1])])
+    assert not old[: small.num_nodes][attn].any()
+    np.testing.assert_array_equal(new[~attn], old[: small.num_nodes][~attn])
+    # GHNs recorded before the field existed were trained without it.
+    recorded = {k: v for k, v in SMALL.to_dict().items() if k != "attention_shapes"}
+    assert not GHNConfig.from_json(recorded).attention_shapes
+    assert GHNConfig.from_json(SMALL.to_json()).attention_shapes
 
 
 def test_config_json_round_trip_and_named_sizes():
@@ -338,3 +354,126 @@ def test_centered_factors_avoid_rank_one_collapse():
 
     assert top_share(False) > 0.6
     assert top_share(True) < 0.4
+
+
+# Host initializers (ghn/hypernet/init.py) against the JAX initializers they stand for:
+# (host, JAX, shape, std of the values, bound on |values| or None).
+_TRUNC = init.TRUNCATED_STD
+INITIALIZERS = {
+    "truncated_normal": (
+        init.truncated_normal(0.5),
+        jax.nn.initializers.truncated_normal(0.5),
+        (256, 256),
+        0.5 * _TRUNC,
+        2 * 0.5,
+    ),
+    # Variance 1/fan_in: fan_in = 64, and 3*3*8 = 72 for a conv-shaped kernel.
+    "lecun_normal": (
+        init.lecun_normal(),
+        jax.nn.initializers.lecun_normal(),
+        (64, 1024),
+        64**-0.5,
+        2 * 64**-0.5 / _TRUNC,
+    ),
+    "lecun_normal_4d": (
+        init.lecun_normal(),
+        jax.nn.initializers.lecun_normal(),
+        (3, 3, 8, 1024),
+        72**-0.5,
+        2 * 72**-0.5 / _TRUNC,
+    ),
+    "normal": (init.normal(0.3), jax.nn.initializers.normal(0.3), (256, 256), 0.3, None),
+}
+
+
+def ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: max |ECDF_a - ECDF_b|."""
+    a, b = np.sort(a.ravel()), np.sort(b.ravel())
+    grid = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, grid, side="right") / a.size
+    cdf_b = np.searchsorted(b, grid, side="right") / b.size
+    return float(np.abs(cdf_a - cdf_b).max())
+
+
+@pytest.mark.parametrize("name", sorted(INITIALIZERS))
+def test_host_initializers_draw_the_jax_distributions(name):
+    host_init, jax_init, shape, std, bound = INITIALIZERS[name]
+    key = jax.random.key(7)
+    x = host_init(key, shape, jnp.float32)
+    assert isinstance(x, jax.Array) and x.shape == shape and x.dtype == jnp.float32
+    x = np.asarray(x, np.float64).ravel()
+    n = x.size
+    # Standard errors: mean std/sqrt(n); sample std <= std/sqrt(2n) (kurtosis <= 3
+    # for these). 5/sqrt(n) is > 5 of them, and 10x below a forgotten truncation
+    # correction (12%) at n = 65536.
+    assert abs(x.mean()) <= 5 * std / np.sqrt(n)
+    assert abs(x.std() / std - 1) <= 5 / np.sqrt(n)
+    if bound is not None:
+        assert np.abs(x).max() <= bound
+    # The whole distribution, against JAX's initializer: the KS distance of two samples
+    # of one distribution exceeds sqrt(ln(2/alpha) / 2) * sqrt(2/n) with probability alpha.
+    y = np.asarray(jax_init(jax.random.key(8), shape, jnp.float32), np.float64)
+    alpha = 1e-6
+    assert ks_distance(x, y) <= np.sqrt(np.log(2 / alpha) / 2) * np.sqrt(2 / n)
+
+
+def test_host_initializers_keys_dtypes_and_tracing():
+    k0, k1 = jax.random.key(0), jax.random.key(1)
+    for make in (init.truncated_normal(1.0), init.lecun_normal(), init.normal(1.0)):
+        a, b, c = (np.asarray(make(k, (16, 8))) for k in (k0, k0, k1))
+        np.testing.assert_array_equal(a, b)
+        assert not np.any(a == c)
+        assert make(k0, (4, 4), jnp.bfloat16).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(init.zeros(k0, (3, 2)), np.zeros((3, 2), np.float32))
+    np.testing.assert_array_equal(init.ones(k0, (5,)), np.ones(5, np.float32))
+    # Legacy raw uint32 keys work too.
+    raw = jax.random.key_data(k0)
+    np.testing.assert_array_equal(init.normal(1.0)(raw, (4,)), init.normal(1.0)(k0, (4,)))
+
+    # A traced key has no value: JAX's initializer runs (the same program, so bitwise).
+    traced = jax.jit(lambda k: init.lecun_normal()(k, (8, 8)))(k0)
+    stock = jax.jit(lambda k: jax.nn.initializers.lecun_normal()(k, (8, 8)))(k0)
+    np.testing.assert_array_equal(traced, stock)
+
+
+def _param_leaves(model) -> dict[str, np.ndarray]:
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in flat}
+
+
+def test_ghn_init_is_a_function_of_the_seed():
+    a, b = (_param_leaves(GHN(SMALL, rngs=nnx.Rngs(0))) for _ in range(2))
+    other = _param_leaves(GHN(SMALL, rngs=nnx.Rngs(1)))
+    assert a.keys() == b.keys() == other.keys()
+    random = [k for k in a if np.unique(a[k]).size > 1]
+    constant = [k for k in a if k not in random]
+    # Biases and LayerNorm parameters are constant; every other leaf is random.
+    assert all(k.endswith(("bias']", "scale']", "b2']")) for k in constant), constant
+    assert len(random) > len(constant) > 0
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        if k in random:
+            assert not np.any(a[k] == other[k]), k
+        else:
+            np.testing.assert_array_equal(a[k], other[k], err_msg=k)
+    # Each parameter has its own key: no two leaves share values.
+    firsts = [a[k].ravel()[:8].tobytes() for k in random]
+    assert len(set(firsts)) == len(firsts)
+
+
+def test_building_a_ghn_compiles_no_program_per_parameter_shape():
+    nnx.Rngs(0).params()  # flax's key derivation compiles once per process
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        # Shapes no other test builds, so no earlier compilation is reused.
+        model = GHN(SMALL.replace(d_model=24, num_heads=3, rank=5, max_dim=72), rngs=nnx.Rngs(3))
+        jax.block_until_ready(nnx.state(model))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert compiled == []

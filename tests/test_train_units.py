@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from test_train_common import CONFIGS, ROOT, env, load_config, tiny_config
+from test_train_tasks import TINY_GHN, programs_for
 from tolerances import assert_close
 
 from ghn import zoo
+from ghn.hypernet import GHN
 from ghn.tasks import Task, check_archs, load_datasets
 from ghn.train import ArchSampler, base_config, make_schedule, pools_of, step, validate
 from ghn.train.archs import GroupedSampler, StreamSampler, fingerprint
@@ -244,3 +247,15 @@ def test_stream_sampler_draws_fresh_architectures_and_resumes():
     assert [c.next() for _ in range(5)] == batches[11:16]
     with pytest.raises(ValueError, match="stream"):
         StreamSampler(draw, 3, 4, fingerprint="g").restore(b.state())
+
+
+def test_init_state_holds_the_eagerly_built_ghn():
+    # The host initializers draw GHN(config, rngs=nnx.Rngs(seed))'s values only eagerly,
+    # so the init program takes them as an argument: bitwise, also FSDP-sharded.
+    programs = programs_for(tiny_config())
+    state = programs.init_state()
+    eager = nnx.to_pure_dict(nnx.state(GHN(TINY_GHN, rngs=nnx.Rngs(0)), nnx.Param))
+    chex.assert_trees_all_equal(state["params"], eager)
+    chex.assert_trees_all_equal(state["ema"], eager)
+    chex.assert_trees_all_equal(programs.init_state()["params"], eager)
+    assert programs.stats.compilations["init"] == 1

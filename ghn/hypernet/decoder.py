@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from ghn.errors import ConfigError
+from ghn.hypernet import init
 from ghn.hypernet.config import GHNConfig
 
 
@@ -33,9 +34,9 @@ class _MLP(nnx.Module):
     """d -> 4d -> 8d -> out with ReLU between layers (GHN-3's decoder widths)."""
 
     def __init__(self, d: int, out: int, *, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(d, 4 * d, rngs=rngs)
-        self.fc2 = nnx.Linear(4 * d, 8 * d, rngs=rngs)
-        self.fc3 = nnx.Linear(8 * d, out, rngs=rngs)
+        self.fc1 = init.linear(d, 4 * d, rngs)
+        self.fc2 = init.linear(4 * d, 8 * d, rngs)
+        self.fc3 = init.linear(8 * d, out, rngs)
 
     def __call__(self, x):
         return self.fc3(jax.nn.relu(self.fc2(jax.nn.relu(self.fc1(x)))))
@@ -71,8 +72,8 @@ class LowRankDecoder(nnx.Module):
         self.past_max_dim = config.past_max_dim
         self.mlp = _MLP(d, 2 * r * r, rngs=rngs)
         # Fan-in init of a Linear(r, K), stored (r, K) so columns slice cheaply.
-        self.w2 = nnx.Param(jax.random.normal(rngs.params(), (r, k)) * r**-0.5)
-        self.b2 = nnx.Param(jnp.zeros((k,)))
+        self.w2 = nnx.Param(init.normal(r**-0.5)(rngs.params(), (r, k)))
+        self.b2 = nnx.Param(init.zeros(rngs.params(), (k,)))
 
     def _check(self, n: int, what: str) -> None:
         if not isinstance(n, int | np.integer) or n < 1:

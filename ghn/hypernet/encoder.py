@@ -7,14 +7,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ghn.graph import OPS
+from ghn.hypernet import init
 from ghn.hypernet.batch import SHAPE_VOCAB, GraphBatch
 from ghn.hypernet.config import GHNConfig
 
 
 def _embed(num: int, width: int, std: float, rngs: nnx.Rngs) -> nnx.Embed:
     # Transformer-style init (as GHN-3): each table contributes O(1) to the sum.
-    init = jax.nn.initializers.truncated_normal(std)
-    return nnx.Embed(num, width, embedding_init=init, rngs=rngs)
+    return nnx.Embed(num, width, embedding_init=init.truncated_normal(std), rngs=rngs)
 
 
 class NodeEmbedding(nnx.Module):
@@ -49,13 +49,13 @@ class EncoderLayer(nnx.Module):
 
     def __init__(self, config: GHNConfig, *, rngs: nnx.Rngs):
         d, self.num_heads = config.d_model, config.num_heads
-        self.norm1 = nnx.LayerNorm(d, rngs=rngs)
+        self.norm1 = init.layer_norm(d, rngs)
         # No qkv bias, as GHN-3.
-        self.qkv = nnx.Linear(d, 3 * d, use_bias=False, rngs=rngs)
-        self.out = nnx.Linear(d, d, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(d, rngs=rngs)
-        self.mlp_in = nnx.Linear(d, config.mlp_ratio * d, rngs=rngs)
-        self.mlp_out = nnx.Linear(config.mlp_ratio * d, d, rngs=rngs)
+        self.qkv = init.linear(d, 3 * d, rngs, use_bias=False)
+        self.out = init.linear(d, d, rngs)
+        self.norm2 = init.layer_norm(d, rngs)
+        self.mlp_in = init.linear(d, config.mlp_ratio * d, rngs)
+        self.mlp_out = init.linear(config.mlp_ratio * d, d, rngs)
 
     def attention(self, x_BxNxD, bias_BxHxNxN, mask_BxN):
         b, n, d = x_BxNxD.shape
@@ -90,11 +90,10 @@ class Encoder(nnx.Module):
         self.embed = NodeEmbedding(config, rngs=rngs)
         heads, num_dist = config.num_heads, config.max_spd + 2
         # Graphormer's init: attention starts near-uniform and learns distances.
-        init = jax.nn.initializers.truncated_normal(0.02)
-        self.spd_fwd = nnx.Embed(num_dist, heads, embedding_init=init, rngs=rngs)
-        self.spd_bwd = nnx.Embed(num_dist, heads, embedding_init=init, rngs=rngs)
+        self.spd_fwd = _embed(num_dist, heads, 0.02, rngs)
+        self.spd_bwd = _embed(num_dist, heads, 0.02, rngs)
         self.layers = nnx.List([EncoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.final_norm = nnx.LayerNorm(config.d_model, rngs=rngs)
+        self.final_norm = init.layer_norm(config.d_model, rngs)
 
     def attention_bias(self, batch: GraphBatch) -> jax.Array:
         bias_BxNxNxH = self.spd_fwd(batch.spd_fwd_BxNxN) + self.spd_bwd(batch.spd_bwd_BxNxN)

@@ -111,12 +111,18 @@ def fsdp_sharding(mesh: Mesh, shape: tuple[int, ...], min_size: int) -> NamedSha
 
 def put_replicated(tree, sharding: NamedSharding):
     """Host arrays, identical on every process, as global replicated jax.Arrays."""
+    return put_global(tree, jax.tree.map(lambda _: sharding, tree))
 
-    def put(x):
+
+def put_global(tree, shardings):
+    """Host arrays, identical on every process, as global jax.Arrays laid out by
+    `shardings` (a matching tree of shardings)."""
+
+    def put(x, sharding):
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    return jax.tree.map(put, tree)
+    return jax.tree.map(put, tree, shardings)
 
 
 _BARRIERS = itertools.count()

@@ -8,8 +8,8 @@ Per architecture (its XLA program depends on its spec and the data shapes only):
   (`step.meta_grads` + `step.accumulate`);
 - eval: GHN params + graph + data batch -> summed loss and metric
   (`step.predict` + `step.target_sums`).
-Once per run: init, zeros (a fresh accumulator) and update (`step.apply_update`:
-clipping, AdamW, EMA, skipping non-finite steps).
+Once per run: init (GHN params -> train state), zeros (a fresh accumulator) and
+update (`step.apply_update`: clipping, AdamW, EMA, skipping non-finite steps).
 
 Every program is lowered and compiled explicitly, exactly once per cache key;
 `Stats` counts compilations, traces (a counter bumped inside each traced
@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from ghn.cache import LRUCache
-from ghn.hypernet import GHN, GHNConfig
+from ghn.hypernet import GHN, GHNConfig, abstract_ghn
 from ghn.hypernet import bucketed as hb
 from ghn.hypernet.predict import Prepared, prepare
 from ghn.params import count_params
@@ -42,6 +42,7 @@ from ghn.train.distributed import (
     barrier,
     batch_sharding,
     fsdp_sharding,
+    put_global,
     put_replicated,
     replicated,
 )
@@ -119,15 +120,16 @@ class Programs:
         self.stats = Stats()
         self.replicated = replicated(mesh)
         self.data_sharding = batch_sharding(mesh)
-        abstract_ghn = nnx.eval_shape(lambda: GHN(ghn_config, rngs=nnx.Rngs(0)))
-        self.ghn_graphdef = nnx.graphdef(abstract_ghn)
+        abstract = abstract_ghn(ghn_config)
+        self.ghn_graphdef = nnx.graphdef(abstract)
+        abstract_params = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
         def rule(x):
             if fsdp:
                 return fsdp_sharding(mesh, tuple(x.shape), fsdp_min_size)
             return self.replicated
 
-        self.abstract_state = jax.eval_shape(self._init_fn)
+        self.abstract_state = jax.eval_shape(self._init_fn, abstract_params)
         self.state_shardings = jax.tree.map(rule, self.abstract_state)
         self.param_shardings = self.state_shardings["params"]
         self.abstract_acc = jax.eval_shape(self._zeros_fn)
@@ -188,10 +190,8 @@ class Programs:
             hit = self._compiled[key] = build()
         return hit
 
-    def _init_fn(self) -> dict[str, Any]:
+    def _init_fn(self, params: dict[str, Any]) -> dict[str, Any]:
         self.stats.traces["init"] += 1
-        ghn = GHN(self.ghn_config, rngs=nnx.Rngs(self.seed))
-        params = nnx.to_pure_dict(nnx.state(ghn, nnx.Param))
         state = {
             "params": params,
             "opt": self.tx.init(params),
@@ -204,11 +204,27 @@ class Programs:
         return state
 
     def init_state(self) -> dict[str, Any]:
-        """A fresh train state (same on every process), laid out by `state_shardings`."""
+        """A fresh train state (same on every process), laid out by `state_shardings`.
+
+        Its GHN parameters are exactly those of `GHN(ghn_config, rngs=nnx.Rngs(seed))`:
+        built eagerly, where `ghn.hypernet.init` draws them on the host (inside the
+        program the initializers would take JAX's path: other values).
+        """
+        abstract = self.abstract_state["params"]
         fn = self._cached(
-            ("init",), lambda: self._compile("init", self._init_fn, (), self.state_shardings, ())
+            ("init",),
+            lambda: self._compile(
+                "init",
+                self._init_fn,
+                (self.param_shardings,),
+                self.state_shardings,
+                (abstract,),
+                donate=(0,),
+            ),
         )
-        return fn()
+        ghn = GHN(self.ghn_config, rngs=nnx.Rngs(self.seed))
+        params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(ghn, nnx.Param)))
+        return fn(put_global(params, self.param_shardings))
 
     def _zeros_fn(self) -> dict[str, Any]:
         self.stats.traces["zeros"] += 1
