@@ -1,5 +1,7 @@
 """Graph tracing: node granularity, ownership, wiring, SPD, errors, drawing."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +152,32 @@ def test_save_load_roundtrip(tmp_path):
     assert h.node_ops == g.node_ops and h.params == g.params
     np.testing.assert_array_equal(h.spd_fwd, g.spd_fwd)
     np.testing.assert_array_equal(h.node_shapes, g.node_shapes)
+
+
+def test_saved_graph_of_an_older_format_is_refused(tmp_path):
+    g = ghn.trace(SmallCNN(rngs=nnx.Rngs(0)), jnp.zeros((2, 16, 16, 3)))
+    arrays = g.to_arrays()
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    del meta["format"]  # as written before attention nodes had a shape
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    with pytest.raises(ValueError, match="trace the model again"):
+        Graph.from_arrays(arrays)
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+def test_attention_nodes_carry_heads_and_head_width(heads):
+    # Same parameters, same edges: only the attention node tells the head counts apart.
+    spec = ghn.zoo.ViTSpec(
+        depth=2, width=32, num_heads=heads, patch_size=4, image_size=8, num_classes=3
+    )
+    g = ghn.trace(nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))), spec.input_spec(3))
+    attn = [tuple(int(v) for v in s) for o, s in zip(g.node_ops, g.node_shapes) if o == "attn"]
+    assert attn == [(heads, 32 // heads, 1, 1)] * 2
+    # A fused kernel (jax.nn.dot_product_attention) and a batch of 1 as well.
+    llama = ghn.trace(Llama(depth=1, dim=32, heads=8, rngs=nnx.Rngs(0)), jnp.zeros((1, 8), int))
+    assert [tuple(s) for o, s in zip(llama.node_ops, llama.node_shapes) if o == "attn"] == [
+        (8, 4, 1, 1)
+    ]
 
 
 def test_op_vocabulary_is_stable():

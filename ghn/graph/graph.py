@@ -87,6 +87,10 @@ class ParamInfo:
         return cls(**d)
 
 
+# Saved graphs: 2 since attention nodes carry (heads, head width) in node_shapes.
+GRAPH_FORMAT = 2
+
+
 @dataclasses.dataclass(eq=False)
 class Graph:
     """Nodes in topological order, data-flow edges and shortest-path distances.
@@ -99,7 +103,8 @@ class Graph:
       node_shared: per node, paths of parameters it uses but does not own
         (e.g. the output head of a GPT-2 with tied embeddings).
       node_shapes: (c_out, c_in, k_h, k_w) of the node's main parameter, 1 for
-        absent dims, all zeros for parameter-free nodes.
+        absent dims; (heads, head width, 1, 1) for attention; all zeros for
+        other parameter-free nodes.
       edges: int32 array (E, 2) of (source, target) data-flow edges.
       params: every parameter leaf, in `nnx.state` flattening order.
       inputs / outputs: nodes of the model's inputs and of its outputs.
@@ -234,6 +239,7 @@ class Graph:
             "spd_cutoff": self.spd_cutoff,
             "model_name": self.model_name,
             "ops_version": self.ops_version,
+            "format": GRAPH_FORMAT,
         }
         return {
             "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
@@ -248,6 +254,11 @@ class Graph:
         if meta["ops_version"] != OPS_VERSION:
             raise ValueError(
                 f"graph uses op vocabulary v{meta['ops_version']}, this ghn has v{OPS_VERSION}"
+            )
+        if meta.pop("format", 1) != GRAPH_FORMAT:
+            raise ValueError(
+                "graph was saved by an older ghn (attention nodes without their head "
+                "geometry); trace the model again"
             )
         params = [ParamInfo.from_json(p) for p in meta.pop("params")]
         return cls(

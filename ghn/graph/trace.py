@@ -238,8 +238,11 @@ def _reshape_axes(in_shape, out_shape, axes):
 
 
 class _Tracer:
-    def __init__(self, module_classes: dict[str, str], param_paths: list[str], shapes, dtypes):
+    def __init__(
+        self, module_classes: dict[str, str], param_paths: list[str], shapes, dtypes, batch: int
+    ):
         self.nodes: list[_Node] = []
+        self.batch = batch  # the example inputs' leading size, to tell heads from batch
         self.owner: dict[str, int] = {}
         self.info: dict[str, ParamInfo] = {}
         self.param_paths = param_paths
@@ -299,7 +302,7 @@ class _Tracer:
         if not acts and not prms:
             return [_CONST] * n_out
         if "attention" in prim or "flash" in prim:
-            return [self.attention(acts, module)] * n_out
+            return [self.attention(acts, module, eqn)] * n_out
         if prim in _CONTROL_FLOW or prim not in _KNOWN:
             raise UnsupportedOpError(prim, module, f" ({self.module_classes.get(module, '?')})")
         if not acts:
@@ -460,20 +463,22 @@ class _Tracer:
                 if self.nodes[node].shape == (0, 0, 0, 0):
                     self.nodes[node].shape = _node_shape(info)
 
-    def attention(self, acts, module) -> _Act:
+    def attention(self, acts, module, eqn) -> _Act:
         preds = list(dict.fromkeys(a.node for a in acts))
         attn = [p for p in preds if self.nodes[p].op == "attn"]
         if attn:
             self.add_preds(attn[-1], preds)
             return _Act(attn[-1])
-        return _Act(self.new_node("attn", f"{module}:attn" if module else "attn", module, preds))
+        node = self.new_node("attn", f"{module}:attn" if module else "attn", module, preds)
+        self.nodes[node].shape = _attention_shape(eqn, self.batch)
+        return _Act(node)
 
     def act_op(self, eqn, ins, acts, module) -> _Act:
         prim = eqn.primitive.name
         preds = list(dict.fromkeys(a.node for a in acts))
         label = lambda op: f"{module}:{op}" if module else op  # noqa: E731
         if prim == "dot_general":
-            return self.attention(acts, module)
+            return self.attention(acts, module, eqn)
         if prim in _WINDOW_OPS:
             return _Act(self.new_node(_WINDOW_OPS[prim], label(_WINDOW_OPS[prim]), module, preds))
         if prim in ("reduce_sum", "reduce_max") and len(preds) == 1:
@@ -498,6 +503,24 @@ class _Tracer:
             cls = self.module_classes.get(module, "?")
             raise UnsupportedOpError(prim, module, f" ({cls}) combining activations of two nodes")
         return _Act(self.new_node(op, label(op), module, preds))
+
+
+def _attention_shape(eqn, batch: int) -> tuple[int, int, int, int]:
+    """(heads, head width, 1, 1) of the attention whose first product is `eqn`.
+
+    Two models that differ only in their head count have the same parameters and
+    edges; without this a GHN would have to give both the same prediction.
+    """
+    q_shape = tuple(eqn.invars[0].aval.shape)
+    if eqn.primitive.name == "dot_general":
+        (contract, _), (batch_axes, _) = eqn.params["dimension_numbers"]
+        width = math.prod(q_shape[a] for a in contract)
+        both = math.prod(q_shape[a] for a in batch_axes)
+        # Heads and the data batch may be separate axes or folded into one.
+        heads = both // batch if batch > 0 and both % batch == 0 else both
+    else:  # fused attention kernels take q as (batch, length, heads, head width)
+        heads, width = (q_shape[-2], q_shape[-1]) if len(q_shape) >= 2 else (1, q_shape[-1])
+    return (max(int(heads), 1), max(int(width), 1), 1, 1)
 
 
 def _node_shape(info: ParamInfo) -> tuple[int, int, int, int]:
@@ -570,14 +593,15 @@ def trace(
             f"{where}: {type(e).__name__}: {first}"
         ) from e
 
-    tracer = _Tracer(module_classes, paths, shapes, dtypes)
+    input_leaves = jax.tree_util.tree_leaves((example_inputs, example_kwargs))
+    batch = int(np.shape(input_leaves[0])[0]) if input_leaves and np.ndim(input_leaves[0]) else 0
+    tracer = _Tracer(module_classes, paths, shapes, dtypes, batch)
     n_rest = len(jax.tree_util.tree_leaves(rest))
     env: list[Any] = []
     for p, shape in zip(paths, shapes):
         env.append(_Param((p,), tuple(frozenset({k}) for k in range(len(shape)))))
     env += [_CONST] * n_rest
     input_nodes = []
-    input_leaves = jax.tree_util.tree_leaves((example_inputs, example_kwargs))
     for i, _ in enumerate(input_leaves):
         node = tracer.new_node("input", f"input{i}" if len(input_leaves) > 1 else "input", "")
         input_nodes.append(node)

@@ -115,7 +115,10 @@ def make_batch(
     for i, g in enumerate(graphs):
         k = g.num_nodes
         op_ids[i, :k] = g.op_ids
-        shape_ids[i, :k] = shape_bucket(np.asarray(g.node_shapes).reshape(k, 4))
+        shapes = np.asarray(g.node_shapes).reshape(k, 4)
+        if not config.attention_shapes:
+            shapes = np.where(np.asarray(g.node_ops)[:, None] == "attn", 0, shapes)
+        shape_ids[i, :k] = shape_bucket(shapes)
         in_degree[i, :k] = np.minimum(g.in_degree, max_degree)
         out_degree[i, :k] = np.minimum(g.out_degree, max_degree)
         input_dist[i, :k] = _distance_ids(g.input_distance, max_spd)

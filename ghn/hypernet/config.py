@@ -51,6 +51,11 @@ class GHNConfig:
       max_spd: shortest-path distances >= max_spd share one bucket; an
         unreachable pair has its own id, max_spd + 1.
       max_degree: in/out degrees are clipped to this.
+      attention_shapes: encode each attention node's (heads, head width) like a
+        parameter's shape. Without it, models differing only in their head count
+        are the same graph to the GHN and get the same prediction. GHNs recorded
+        before this field existed were trained without it (`from_json` reads a
+        missing field as False), so their predictions do not change.
     """
 
     d_model: int = 64
@@ -66,6 +71,7 @@ class GHNConfig:
     tile: int = 64
     max_spd: int = 50
     max_degree: int = 32
+    attention_shapes: bool = True
 
     def __post_init__(self):
         if self.decoder not in DECODERS:
@@ -109,4 +115,5 @@ class GHNConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown GHNConfig keys {unknown}; known keys are {sorted(known)}")
+        d.setdefault("attention_shapes", False)
         return cls(**d)
