@@ -1,0 +1,124 @@
+"""Tempering the output layer: exact rescaling of the logits, the loss-minimizing scale."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from custom_models import SmallCNN
+from flax import nnx
+from tolerances import assert_close, transformer_reduction
+
+from ghn import zoo
+from ghn.calibrate import fit_scale, output_scale_paths, temper
+from ghn.errors import ConfigError
+from ghn.graph import trace
+from ghn.tasks import Task
+
+
+def mean_ce(logits, labels, a: float) -> float:
+    return float(optax.softmax_cross_entropy_with_integer_labels(a * logits, labels).mean())
+
+
+@pytest.mark.parametrize("signal", [0.0, 0.5, 3.0])
+def test_fit_scale_minimizes_the_loss_over_zero_to_one(signal):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 2000)
+    # Logits with some signal towards the label, plus confident noise.
+    logits = 4.0 * rng.normal(size=(2000, 10)) + signal * np.eye(10)[labels] * 4.0
+    a = fit_scale(logits, labels)
+    assert 0.0 <= a <= 1.0
+    grid = np.linspace(0.0, 1.0, 201)
+    best = min(mean_ce(jnp.asarray(logits), jnp.asarray(labels), g) for g in grid)
+    # The convex loss at the bisection's alpha is at most the grid's best.
+    assert mean_ce(jnp.asarray(logits), jnp.asarray(labels), a) <= best + 1e-5
+    assert mean_ce(jnp.asarray(logits), jnp.asarray(labels), a) <= math.log(10) + 1e-6
+    if signal == 0.0:
+        assert a < 0.05  # pure noise: (nearly) uniform
+    # Right and not overconfident: nothing to temper.
+    assert fit_scale(3.0 * np.eye(10)[labels] + 0.1 * rng.normal(size=(2000, 10)), labels) == 1.0
+
+
+def vit():
+    spec = zoo.ViTSpec(depth=2, width=32, num_heads=2, patch_size=4, image_size=8, num_classes=5)
+    return spec, spec.build(rngs=nnx.Rngs(0))
+
+
+def gpt(tied: bool):
+    spec = zoo.GPT2Spec(
+        depth=2, width=32, num_heads=2, vocab_size=40, context_length=8, tie_embeddings=tied
+    )
+    return spec, spec.build(rngs=nnx.Rngs(0))
+
+
+def test_output_scale_paths_follow_the_graph():
+    spec, model = vit()
+    assert set(output_scale_paths(trace(model, spec.input_spec(2)))) == {
+        "head/kernel",
+        "head/bias",
+    }
+    spec, model = gpt(tied=True)
+    tied = set(output_scale_paths(trace(model, spec.input_spec(2, seq_len=8))))
+    assert tied == {"ln_f/scale", "ln_f/bias"}  # the embedding also feeds the input
+    spec, model = gpt(tied=False)
+    untied = output_scale_paths(trace(model, spec.input_spec(2, seq_len=8)))
+    assert untied and all(p.startswith("lm_head/") for p in untied)
+
+    class Softmaxed(nnx.Module):
+        def __init__(self, rngs):
+            self.net = SmallCNN(rngs=rngs)
+
+        def __call__(self, x):
+            return self.net(x) + self.net(x)  # ends in a parameter-free sum
+
+    with pytest.raises(ConfigError, match="cannot be rescaled"):
+        output_scale_paths(trace(Softmaxed(nnx.Rngs(0)), jnp.zeros((2, 16, 16, 3))))
+
+
+def perturbed(model, seed: int):
+    """The model with every parameter randomized (a zero head would make tempering trivial)."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    rng = np.random.default_rng(seed)
+    leaves = [v + jnp.asarray(rng.normal(size=v.shape), v.dtype) * 0.3 for v in leaves]
+    nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
+    return model
+
+
+@pytest.mark.parametrize("family", ["vit", "gpt_tied", "gpt_untied"])
+def test_temper_scales_the_logits_exactly_and_never_raises_the_loss(family):
+    rng = np.random.default_rng(1)
+    if family == "vit":
+        spec, model = vit()
+        task = Task("image")
+        batches = [
+            {
+                "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+                "label": rng.integers(0, 5, 16),
+            }
+            for _ in range(3)
+        ]
+        inputs = [jnp.asarray(b["image"]) for b in batches]
+        labels = np.concatenate([b["label"] for b in batches])
+        classes, tokens = 5, 5
+    else:
+        spec, model = gpt(tied=family == "gpt_tied")
+        task = Task("text", seq_len=8)
+        batches = [{"tokens": rng.integers(0, 40, (4, 9)).astype(np.int32)} for _ in range(3)]
+        inputs = [jnp.asarray(b["tokens"][:, :-1]) for b in batches]
+        labels = np.concatenate([b["tokens"][:, 1:].reshape(-1) for b in batches])
+        classes, tokens = 40, 8
+    model = perturbed(model, 0)
+    before = np.concatenate([np.asarray(model(x)).reshape(-1, classes) for x in inputs])
+    alpha = temper(model, task, batches)
+    after = np.concatenate([np.asarray(model(x)).reshape(-1, classes) for x in inputs])
+    assert 0.0 <= alpha <= 1.0
+    # Random labels and perturbed weights: confidently wrong, so tempering must act.
+    assert alpha < 1.0
+    reduction = transformer_reduction(depth=2, width=32, mlp_width=128, head_dim=16, tokens=tokens)
+    assert_close(after, alpha * before, reduction=reduction, scale=np.abs(before).max())
+    loss_before = mean_ce(jnp.asarray(before), jnp.asarray(labels), 1.0)
+    loss_after = mean_ce(jnp.asarray(after), jnp.asarray(labels), 1.0)
+    assert loss_after <= min(loss_before, math.log(classes)) + 1e-5
