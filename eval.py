@@ -16,6 +16,16 @@ by `ghn.save` / `python -m ghn export`, or a train.py workdir.
 Fields the data fixes (classes, image size, vocabulary, context) are set from
 the dataset.
 
+--baselines mimetic adds a row per target fine-tuned from mimetic init
+(`ghn.baselines.mimetic_init`: the family's random init with self-attention set
+to query-key ~ +identity, value-output ~ -identity), same recipe and seeds.
+
+Predictions are tempered by default (--notemper turns it off): each predicted
+model's output layer is scaled by the alpha in [0, 1] that minimizes the loss
+on 4 training batches (`ghn.calibrate.temper`), so a prediction for data or an
+architecture the GHN does not know starts no worse than the uniform guess; a
+good prediction keeps alpha = 1. The saved parameters are the tempered ones.
+
 Writes to --workdir: results.json and results.md (metrics at step 0, N/10, N
 and the speed-up), curves/<arch>.png, curves.json, and predicted/<arch>/ (the
 predicted parameters as an Orbax checkpoint a plain Flax user can restore,
@@ -50,6 +60,20 @@ _NOISE = flags.DEFINE_list(
     "Also fine-tune from sqrt(1-a^2)*predicted + a*random for each a (e.g. 0.5): full-rank "
     "variants of the low-rank prediction.",
 )
+_BASELINES = flags.DEFINE_list(
+    "baselines",
+    [],
+    "Also fine-tune from these closed-form inits of the same random init (comma list; "
+    "`mimetic`: Trockman & Kolter 2023's attention init, ViTs and GPT-2s).",
+)
+_TEMPER = flags.DEFINE_boolean(
+    "temper",
+    True,
+    "Temper each prediction's output layer on 4 training batches (ghn.calibrate): logits "
+    "scaled by the alpha in [0, 1] with the least loss, so a confidently wrong prediction "
+    "(new data, an architecture far from training) starts no worse than uniform. "
+    "--notemper: the raw prediction.",
+)
 _DATA = flags.DEFINE_string("data", None, "Dataset name; default: the GHN's training data.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Text datasets: sequence length (default: GHN's).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where local datasets live.")
@@ -64,7 +88,7 @@ def main(argv):
     from ghn import evaluate
 
     hyper, info = ghn.load(_GHN.value, with_info=True)
-    baselines = {"paper_parity": ghn.load(_PAPER_PARITY.value)} if _PAPER_PARITY.value else {}
+    other_ghns = {"paper_parity": ghn.load(_PAPER_PARITY.value)} if _PAPER_PARITY.value else {}
     kw = {"data_dir": _DATA_DIR.value} if _DATA_DIR.value else {}
     if _DATA.value:
         setup = evaluate.Setup.from_name(_DATA.value, seq_len=_SEQ_LEN.value, **kw)
@@ -72,7 +96,7 @@ def main(argv):
         setup = evaluate.Setup.from_ghn_info(info, **kw)
     specs = evaluate.resolve_archs(_ARCHS.value, info, setup)
     # Every target must fit every GHN: fail now, not after hours of fine-tuning.
-    for label, other in [("--ghn", hyper), *baselines.items()]:
+    for label, other in [("--ghn", hyper), *other_ghns.items()]:
         for spec in specs:
             evaluate.check_fits(other, spec, setup, label)
     recipe = evaluate.Recipe(
@@ -93,8 +117,10 @@ def main(argv):
         _WORKDIR.value,
         ghn_name=_GHN.value,
         ghn_source=info.get("source"),
-        baseline_ghns=baselines,
+        baseline_ghns=other_ghns,
         noise_mixes=[float(a) for a in _NOISE.value],
+        baselines=_BASELINES.value,
+        tempered=_TEMPER.value,
     )
 
 

@@ -95,11 +95,11 @@ def fit_scale(logits_NxC: np.ndarray, labels_N: np.ndarray, *, max_scale: float 
     return 0.5 * (lo + hi)
 
 
-def _logits_and_labels(model, task, batches) -> tuple[np.ndarray, np.ndarray]:
+def _logits_and_labels(model, kind: str, batches) -> tuple[np.ndarray, np.ndarray]:
     forward = nnx.jit(lambda m, x: m(x).astype(jnp.float32))
     zs, ys = [], []
     for batch in batches:
-        if task.kind == "text":
+        if kind == "text":
             tokens = jnp.asarray(batch["tokens"])
             z = forward(model, tokens[:, :-1])
             zs.append(np.asarray(z).reshape(-1, z.shape[-1]))
@@ -117,23 +117,27 @@ def temper(model: nnx.Module, task, batches: Iterable[dict], *, example_input=No
 
     Args:
       model: a concrete model holding predicted parameters.
-      task: its `ghn.tasks.Task` (image classification or next-token prediction).
+      task: "image" (classification; batches hold "image" and "label") or "text"
+        (next-token prediction; batches hold "tokens"), or a `ghn.tasks.Task`.
       batches: a few training batches (dicts with "image"/"label" or "tokens").
       example_input: what to trace the model with; default: the first batch's input.
     """
     batches = list(batches)
+    kind = task if isinstance(task, str) else task.kind
+    if kind not in ("image", "text"):
+        raise ConfigError(f"task must be 'image' or 'text', got {kind!r}")
     if example_input is None:
         if not batches:
             raise ConfigError("tempering needs at least one batch")
         b = batches[0]
         example_input = (
             jax.ShapeDtypeStruct(b["tokens"][:, :-1].shape, jnp.int32)
-            if task.kind == "text"
+            if kind == "text"
             else jax.ShapeDtypeStruct(b["image"].shape, jnp.float32)
         )
     graph = trace(model, example_input)
     paths = set(output_scale_paths(graph))
-    alpha = fit_scale(*_logits_and_labels(model, task, batches))
+    alpha = fit_scale(*_logits_and_labels(model, kind, batches))
     # `graph.params` lists the parameters in `nnx.state` flattening order.
     leaves, treedef = jax.tree_util.tree_flatten(nnx.state(model, nnx.Param))
     leaves = [

@@ -10,8 +10,8 @@ data order and the same seeds, so curves differ only by where they start.
 Evaluation points are 0, N/20, 2N/20, ..., N (N/10 and N among them;
 `Recipe.num_points` sets the 20). The
 speed-up is how many steps random init needs to reach the evaluation loss the
-predicted init has at N/10, divided by N/10 ("not reached" when it never does
-within N steps).
+predicted init (or a baseline, e.g. `compare(..., baselines=["mimetic"])`) has
+at N/10, divided by N/10 ("not reached" when it never does within N steps).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ import optax
 from flax import nnx
 
 from ghn import zoo
+from ghn.baselines import baseline_init, check_baseline
+from ghn.calibrate import temper
 from ghn.errors import ConfigError, GHNError
 from ghn.hub import train_config_of
 from ghn.hypernet.predict import prepare
@@ -321,6 +323,8 @@ class Result:
     metric: str
     curves: dict[str, Curve]
     predicted_params: Any = None  # nnx.State of the predicted init (before fine-tuning)
+    # Per tempered init: the factor its output layer was scaled by (`ghn.calibrate`).
+    output_scales: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def rows(self) -> list[dict[str, Any]]:
         """One table row per initialization: metrics at 0, N/10 and N, and the speed-up."""
@@ -339,6 +343,8 @@ class Result:
                 row[f"{self.metric}_{label}"] = at["metric"]
             row["speedup"] = None if init == "random" else speedup(curve, self.curves["random"])
             row["reached"] = init == "random" or row["speedup"] is not None
+            if init in self.output_scales:
+                row["output_scale"] = self.output_scales[init]
             out.append(row)
         return out
 
@@ -351,6 +357,17 @@ def predict_model(hyper, spec: ArchSpec, setup: Setup, seed: int = 0) -> tuple[n
     return model, predicted
 
 
+# Training batches the output layer of a prediction is tempered on (`ghn.calibrate`).
+TEMPER_BATCHES = 4
+
+
+def temper_prediction(model: nnx.Module, spec: ArchSpec, setup: Setup, recipe: Recipe) -> float:
+    """Tempers `model`'s output layer on the first training batches of `recipe`'s order."""
+    it = setup.train_iterator(recipe)
+    batches = [next(it) for _ in range(TEMPER_BATCHES)]
+    return temper(model, setup.task, batches, example_input=setup.input_spec(spec))
+
+
 def compare(
     hyper,
     spec: ArchSpec,
@@ -359,6 +376,8 @@ def compare(
     *,
     baseline_ghns: dict[str, Any] | None = None,
     noise_mixes: Sequence[float] = (),
+    baselines: Sequence[str] = (),
+    tempered: bool = True,
     progress: bool = False,
 ) -> Result:
     """Fine-tunes `spec` from `hyper`'s prediction and from the family's random init.
@@ -369,11 +388,24 @@ def compare(
     same model with every parameter replaced. Each `a` in `noise_mixes` adds
     the init "predicted+noise{a}" (`mix_with_random`): the prediction blended
     with the random init, which restores full rank to predicted matrices.
+    Each name in `baselines` (`ghn.baselines.BASELINES`, e.g. "mimetic") adds
+    that closed-form init, built from the same random init with the same seed.
+
+    With `tempered`, every GHN's prediction has its output layer tempered first
+    (`ghn.calibrate`: logits scaled by the alpha in [0, 1] that minimizes the loss
+    on `TEMPER_BATCHES` training batches), so a confidently wrong prediction
+    starts no worse than the uniform one; a good prediction keeps alpha = 1.
     """
     spec = setup.fit(spec)
+    for name in baselines:
+        check_baseline(name, spec)  # before any fine-tuning
     eval_data = setup.eval_batches(recipe)
     curves: dict[str, Curve] = {}
+    scales: dict[str, float] = {}
     model, predicted = predict_model(hyper, spec, setup, recipe.seed)
+    if tempered:
+        scales["predicted"] = temper_prediction(model, spec, setup, recipe)
+        predicted = nnx.state(model, nnx.Param)
     predicted_copy = jax.tree.map(jnp.copy, predicted)
     curves["predicted"] = finetune(
         model, setup, recipe, init="predicted", progress=progress, eval_data=eval_data
@@ -387,6 +419,14 @@ def compare(
         )
     for name, other in (baseline_ghns or {}).items():
         model, _ = predict_model(other, spec, setup, recipe.seed)
+        if tempered:
+            scales[name] = temper_prediction(model, spec, setup, recipe)
+        curves[name] = finetune(
+            model, setup, recipe, init=name, progress=progress, eval_data=eval_data
+        )
+    for name in baselines:
+        model = spec.build(rngs=nnx.Rngs(recipe.seed))
+        nnx.update(model, baseline_init(name, model, spec, seed=recipe.seed))
         curves[name] = finetune(
             model, setup, recipe, init=name, progress=progress, eval_data=eval_data
         )
@@ -395,7 +435,7 @@ def compare(
     curves["random"] = finetune(
         model, setup, recipe, init="random", progress=progress, eval_data=eval_data
     )
-    return Result(spec, num_params, setup.task.metric, curves, predicted_copy)
+    return Result(spec, num_params, setup.task.metric, curves, predicted_copy, scales)
 
 
 def check_fits(hyper, spec: ArchSpec, setup: Setup, label: str = "the") -> None:
@@ -422,6 +462,8 @@ def run(
     ghn_source: str | None = None,
     baseline_ghns: dict[str, Any] | None = None,
     noise_mixes: Sequence[float] = (),
+    baselines: Sequence[str] = (),
+    tempered: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """`compare` for every spec, writing what eval.py promises to `workdir`.
@@ -430,6 +472,9 @@ def run(
     run keeps what it finished), curves/<arch>.png, curves.json, and
     predicted/<arch>/ (Orbax) with predicted/<arch>.json (the spec).
     """
+    for spec in specs:  # every target, before the first fine-tuning
+        for name in baselines:
+            check_baseline(name, setup.fit(spec))
     workdir = Path(workdir)
     (workdir / "curves").mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
@@ -446,6 +491,8 @@ def run(
             recipe,
             baseline_ghns=baseline_ghns,
             noise_mixes=noise_mixes,
+            baselines=baselines,
+            tempered=tempered,
             progress=progress,
         )
         rows += result.rows()
@@ -461,6 +508,7 @@ def run(
             "data": setup.train.name,
             "metric": metric,
             "recipe": dataclasses.asdict(recipe),
+            "tempered": tempered,
             "seconds": round(time.perf_counter() - start, 1),
             "rows": rows,
         }
@@ -469,7 +517,10 @@ def run(
         table = markdown_table(rows, metric)
         (workdir / "results.md").write_text(
             f"GHN `{ghn_name}` on {setup.train.name}, N = {recipe.steps} fine-tuning steps "
-            f"(lr {recipe.lr}, batch {recipe.batch_size}, seed {recipe.seed}).\n\n" + table
+            f"(lr {recipe.lr}, batch {recipe.batch_size}, seed {recipe.seed})."
+            + (TEMPERED_NOTE if tempered else "")
+            + "\n\n"
+            + table
         )
     if rows:
         print(markdown_table(rows, metric))
@@ -506,7 +557,12 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
     return (c[1:] - c[np.arange(1, len(x) + 1) - n]) / n
 
 
-COLORS = {"predicted": "tab:blue", "random": "tab:gray", "paper_parity": "tab:orange"}
+COLORS = {
+    "predicted": "tab:blue",
+    "random": "tab:gray",
+    "paper_parity": "tab:orange",
+    "mimetic": "tab:red",
+}
 for _i, _a in enumerate((0.25, 0.5, 0.75)):
     COLORS[f"predicted+noise{_a:g}"] = ("tab:cyan", "tab:green", "tab:olive")[_i]
 
@@ -555,9 +611,21 @@ def format_value(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+TEMPERED_NOTE = (
+    " Predicted inits have their output layer tempered on 4 training batches"
+    " (`ghn.calibrate`; the factor is shown as x alpha when below 1)."
+)
+
+
+def init_label(row: dict[str, Any]) -> str:
+    """The init's name, with its tempering factor when it was scaled down."""
+    scale = row.get("output_scale")
+    return row["init"] if scale is None or scale >= 1.0 else f"{row['init']} x{scale:.2f}"
+
+
 def format_row(row: dict[str, Any], metric: str) -> str:
     """One line: an init's loss and metric at 0, N/10, N, and its speed-up."""
-    parts = [f"{row['init']:>12}"]
+    parts = [f"{init_label(row):>12}"]
     for label, name in (("0", "0"), ("n10", "N/10"), ("n", "N")):
         parts.append(
             f"@{name} loss {row[f'loss_{label}']:.3f} {metric} {row[f'{metric}_{label}']:.3f}"
@@ -590,6 +658,8 @@ def markdown_table(rows: list[dict[str, Any]], metric: str) -> str:
             v = r.get(c)
             if c == "num_params":
                 cells.append(f"{v:,}")
+            elif c == "init":
+                cells.append(init_label(r))
             elif c == "speedup":
                 cells.append(
                     ""

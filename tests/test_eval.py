@@ -14,6 +14,7 @@ from tolerances import assert_close, predict_reduction, transformer_reduction
 
 import ghn
 from ghn import cli, evaluate, hub, zoo
+from ghn.calibrate import output_scale_paths
 from ghn.train import run
 
 
@@ -193,22 +194,31 @@ def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path
         "--batch_size=16",
         "--eval_batches=1",
         "--eval_batch_size=50",
+        "--baselines=mimetic",
         f"--workdir={out}",
     ]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((out / "results.json").read_text())
     rows = record["rows"]
-    assert [r["init"] for r in rows] == ["predicted", "random"]
+    assert [r["init"] for r in rows] == ["predicted", "mimetic", "random"]
     assert record["metric"] == "accuracy" and record["recipe"]["steps"] == 4
     for r in rows:
         for key in ("loss_0", "loss_n10", "loss_n", "accuracy_0", "accuracy_n"):
             assert np.isfinite(r[key]), key
-    # Different inits, same data: the step-0 losses differ.
-    assert rows[0]["loss_0"] != rows[1]["loss_0"]
+    # Different inits, same data: training differs. (Mimetic init keeps the ViT's zero
+    # head, so at step 0 it predicts uniformly, as random init does.)
+    assert rows[0]["loss_n"] != rows[2]["loss_n"]
+    assert rows[1]["loss_0"] == rows[2]["loss_0"] and rows[1]["loss_n"] != rows[2]["loss_n"]
+    # The prediction was tempered (the default): its output layer scaled by alpha in [0, 1].
+    alpha = rows[0]["output_scale"]
+    assert record["tempered"] and 0.0 <= alpha <= 1.0 and "output_scale" not in rows[2]
+    assert "speedup" in rows[1] and "reached" in rows[1]  # relative to random, as predicted's
     arch = rows[0]["arch"]
     assert (out / "curves" / f"{arch}.png").stat().st_size > 10_000
     assert arch in (out / "results.md").read_text()
+    assert "| mimetic |" in (out / "results.md").read_text()
+    assert set(json.loads((out / "curves.json").read_text())[arch]) == {r["init"] for r in rows}
 
     # A plain Flax user restores the predicted parameters into their own model.
     spec = zoo.spec_from_json(json.loads((out / "predicted" / f"{arch}.json").read_text()))
@@ -220,12 +230,15 @@ def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path
     # ...and they are the GHN's prediction, giving the step-0 loss in the table.
     setup = evaluate.Setup.from_name("mnist5k")
     hyper = ghn.load(workdir)
-    expected = hyper.predict(model, setup.input_spec(spec))
+    expected = flat(nnx.to_pure_dict(hyper.predict(model, setup.input_spec(spec))))
+    tempered = output_scale_paths(ghn.trace(model, setup.input_spec(spec)))
+    assert set(tempered) == {"head/kernel", "head/bias"}
     # Predicted in another process (possibly another compiled program): round-off along
-    # the whole prediction (tolerances.ghn_reduction).
+    # the whole prediction (tolerances.ghn_reduction), plus one rounding for alpha.
     n = predict_reduction(hyper, model, setup.input_spec(spec))
-    for k, v in flat(nnx.to_pure_dict(expected)).items():
-        assert_close(flat(restored)[k], v, reduction=n, err_msg=k)
+    for k, v in expected.items():
+        v = np.asarray(v) * alpha if k in tempered else v
+        assert_close(flat(restored)[k], v, reduction=n + 1, err_msg=k)
     batch = setup.eval_batches(evaluate.Recipe(eval_batch_size=50, eval_batches=1))[0]
     sums = setup.task.sums(model, batch)
     # eval.py's jitted evaluation against this eager one: round-off along the ViT (patch
