@@ -377,7 +377,7 @@ def compare(
     baseline_ghns: dict[str, Any] | None = None,
     noise_mixes: Sequence[float] = (),
     baselines: Sequence[str] = (),
-    tempered: bool = True,
+    tempered: bool = False,
     progress: bool = False,
 ) -> Result:
     """Fine-tunes `spec` from `hyper`'s prediction and from the family's random init.
@@ -463,7 +463,7 @@ def run(
     baseline_ghns: dict[str, Any] | None = None,
     noise_mixes: Sequence[float] = (),
     baselines: Sequence[str] = (),
-    tempered: bool = True,
+    tempered: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """`compare` for every spec, writing what eval.py promises to `workdir`.
