@@ -11,7 +11,7 @@ import pytest
 from custom_models import Llama, MLPMixer, SmallCNN
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
-from tolerances import assert_trees_close, predict_reduction
+from tolerances import assert_close, assert_trees_close, predict_reduction
 
 import ghn
 from ghn import zoo
@@ -220,6 +220,9 @@ def test_decoder_variants_predict(overrides):
         np.testing.assert_array_equal(emb[:64], emb[64:128])
     else:
         assert numerical_rank(emb) <= hyper.config.rank
+    # These decoders take the per-layout programs (no basis): pinned like the default one.
+    n = predict_reduction(hyper, model, spec.input_spec())
+    assert_trees_close(params, _one_program(hyper, model, spec.input_spec()), reduction=n)
 
 
 def _one_program(hyper, model, x):
@@ -233,8 +236,8 @@ def _one_program(hyper, model, x):
 
 @pytest.mark.parametrize("name", ["cnn", "mixer", "gpt2", "vit"])
 def test_staged_prediction_equals_the_one_program(hyper, name):
-    """Conv layouts, dense kernels in both orders, embeddings, 1-D parameters in calls of
-    16 (padded) and matrices in calls of 8/4/2/1 all land on their own leaves."""
+    """Conv layouts, dense kernels in both orders, embeddings, 1-D parameters (finished on
+    the host) and matrices (cores 8 to a call, padded) all land on their own leaves."""
     if name in ("gpt2", "vit"):
         spec = {
             "gpt2": zoo.GPT2Spec(depth=7, width=32, num_heads=4, vocab_size=64, context_length=16),
@@ -245,35 +248,84 @@ def test_staged_prediction_equals_the_one_program(hyper, name):
         model, x = custom_models()[name]
     staged = hyper.predict(model, x)
     # Two sets of programs (backend optimizations off and on, other fusion and summation
-    # order at every stage): round-off along the whole prediction, i.e. the encoder's
-    # layers, the decoder MLP, Z = ReLU(M) W2, the normalization's sums over the matrix
-    # and the rank-r contraction A @ B (tolerances.ghn_reduction), against each
+    # order at every stage, and the staged form's W = (P^T C) P for the one program's
+    # (Z_A^T)(Z_B)): round-off along the whole prediction, i.e. the encoder's layers, the
+    # decoder MLP, the last layer, the normalization's sums over the matrix and the
+    # contractions that form W (tolerances.ghn_reduction), against each
     # parameter's max |value|.
     assert_trees_close(
         staged, _one_program(hyper, model, x), reduction=predict_reduction(hyper, model, x)
     )
 
 
-def test_programs_follow_layouts_not_depth(hyper):
-    """A deeper model of the same width compiles no new decoding program: calls are keyed
-    by layout and take 8, 4, 2 or 1 matrices (16 and 32 blocks: 8-matrix calls only)."""
+def gpt_of(depth: int, width: int = 32):
+    spec = zoo.GPT2Spec(depth=depth, width=width, num_heads=4, vocab_size=64, context_length=8)
+    return nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))), spec.input_spec()
 
-    def gpt(depth):
-        spec = zoo.GPT2Spec(depth=depth, width=32, num_heads=4, vocab_size=64, context_length=8)
-        return nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))), spec.input_spec()
 
+def counting_compiles(mp) -> list[int]:
+    """Programs compiled per `predict` call (`_compile_all` is where every compile happens)."""
     compiled = []
     original = predict_lib._compile_all
+    mp.setattr(predict_lib, "_compile_all", lambda jobs: compiled.append(original(jobs)))
+    return compiled
+
+
+def test_programs_follow_layouts_not_depth(hyper):
+    """A deeper model of the same width compiles no new decoding program: matrices are
+    decoded 8 to a call whatever their layout, then written by one program per layout."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(predict_lib, "_compile_all", lambda jobs: compiled.append(original(jobs)))
-        jax.block_until_ready(hyper.predict(*gpt(16)))
+        compiled = counting_compiles(mp)
+        jax.block_until_ready(hyper.predict(*gpt_of(16)))
         programs = len(predict_lib.LEAF_PROGRAMS)
-        jax.block_until_ready(hyper.predict(*gpt(32)))
+        jax.block_until_ready(hyper.predict(*gpt_of(32)))
         assert len(predict_lib.LEAF_PROGRAMS) == programs
         # At most the encoder again: 32 blocks pad the graph to a larger node bucket.
-        assert compiled[0] > 4 and compiled[1] <= 1, compiled
-        jax.block_until_ready(hyper.predict(*gpt(32)))
+        assert compiled[1] <= 1, compiled
+        jax.block_until_ready(hyper.predict(*gpt_of(32)))
         assert compiled[2] == 0
-    model, x = gpt(32)
-    calls = predict_lib.leaf_calls(predict_lib.prepare(model, (x,), hyper.config).plan, True)
-    assert {len(c.leaves) for c in calls if c.key.kind == "matrix"} == {1, 8}
+    model, x = gpt_of(32)
+    plan = predict_lib.prepare(model, (x,), hyper.config).plan
+    keys = predict_lib.write_keys(plan)
+    assert all((key, None) in predict_lib.LEAF_PROGRAMS for key in keys)
+    # 32 blocks of 4 kernels plus the two embeddings; the tied head is the token embedding.
+    assert len(keys) == 6 and sum(len(g.leaves) for g in plan.groups if g.kind == "matrix") == 130
+
+
+def test_a_new_width_compiles_only_its_write_programs(hyper):
+    """The second width of a family in a process compiles one small GEMM program per matrix
+    layout it has not met, and nothing else: no encoder (same graph), no decoding program
+    (those serve every width), nothing for its 1-D parameters (finished on the host)."""
+    first, second = gpt_of(3, width=40), gpt_of(3, width=56)
+    with pytest.MonkeyPatch.context() as mp:
+        compiled = counting_compiles(mp)
+        jax.block_until_ready(hyper.predict(*first))
+        model, x = second
+        keys = predict_lib.write_keys(predict_lib.prepare(model, (x,), hyper.config).plan)
+        new = {k for k in keys if (k, None) not in predict_lib.LEAF_PROGRAMS}
+        # The embeddings and the four block kernels: each width its own GEMM shapes.
+        assert len(new) == 6, new
+        jax.block_until_ready(hyper.predict(*second))
+        assert compiled[1] == len(new), compiled
+        assert all((k, None) in predict_lib.LEAF_PROGRAMS for k in new)
+
+
+@pytest.mark.parametrize("rows, cols", [(5, 7), (48, 31), (70, 100)])
+def test_the_basis_gives_the_decoder_at_every_width(rows, cols):
+    """W = P[:, :rows]^T C P[:, :cols] with P = [W2; b2] and C from the decoder run with an
+    identity last layer (`basis_cores`): the decoder is linear in its last layer, column by
+    column, also past K (70, 100 > K = 48 wrap around)."""
+    config = ghn.GHNConfig(d_model=16, num_layers=1, num_heads=2, rank=4, max_dim=48)
+    decoder = ghn.GHN(config.replace(past_max_dim="wrap"), rngs=nnx.Rngs(0)).decoder
+    decoder.b2[...] = jax.random.normal(jax.random.key(1), decoder.b2.shape)
+    e_GxD = jax.random.normal(jax.random.key(2), (3, 16))
+    graphdef, state = nnx.split(decoder)
+    c_Gxkxk = jax.jit(lambda s, e: predict_lib.basis_cores(nnx.merge(graphdef, s), e))(state, e_GxD)
+    p = np.concatenate([np.asarray(decoder.w2[...]), np.asarray(decoder.b2[...])[None]])
+    p_rows, p_cols = p[:, np.arange(rows) % 48], p[:, np.arange(cols) % 48]
+    got = np.einsum("kR,gkl,lC->gRC", p_rows, np.asarray(c_Gxkxk), p_cols)
+    a, b = decoder.factors(e_GxD, rows, cols)
+    want = np.asarray(jnp.einsum("gRr,grC->gRC", a, b))
+    # Round-off of the contractions after the shared MLP: Z = ReLU(M) W2 + b2 and A @ B
+    # (r + 1 and r terms) against C = A_I B_I, P^T C and (P^T C) P (r, r + 1, r + 1).
+    assert_close(got, want, reduction=5 * (config.rank + 1))

@@ -119,15 +119,19 @@ def ghn_reduction(config, *, num_nodes: int, max_dim: int) -> int:
     max_dim: largest rows or cols of a decoded matrix (c_out * k_h, c_in * k_w).
     """
     d, r = config.d_model, config.rank
+    # The longer of the two forms of ghn/hypernet/predict.py: `predict_leaves` makes
+    # Z = ReLU(M) W2 + b2 and W = A @ B; the staged form makes C = A_I B_I, the Gram
+    # sandwiches A_I^T G A_I and W = (P^T C) P, each contracted over r + 1.
     decoder = (
         d
         + 4 * d
         + 8 * d  # MLP d -> 4d -> 8d -> 2r^2 (decoder._MLP)
         + r  # centering: mean over the r rows of each half of ReLU(M)
-        + r  # Z = ReLU(M) @ W2, contracted over r
+        + r  # Z = ReLU(M) @ W2 or C = A_I B_I, contracted over r
         + max_dim
         + r * r  # ||A B||_F^2 = sum((A^T A) * (B B^T)): rows/cols, then r x r
-        + r  # W = A @ B, contracted over r
+        + 2 * (r + 1)  # staged: A^T A = A_I^T G A_I with G = P P^T summed over rows/cols
+        + 2 * (r + 1)  # W = A @ B over r; staged: (P^T C) P, twice over r + 1
     )
     return encoder_reduction(config, num_nodes=num_nodes) + decoder
 

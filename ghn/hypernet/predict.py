@@ -1,26 +1,30 @@
 """Predicting every parameter of a model.
 
 Host side, once per architecture: trace the graph, pad it into a
-`GraphBatch`, and group its parameters into a static `Plan` (parameters of
-the same decoded shape and kind are decoded together). Device side: encode
-the graph once, decode the low-rank factors of parameters of one layout
-together, rescale the factors (not the full matrices) with the normalization
-table, and multiply each parameter out directly in its final layout. Peak
-memory is the predicted parameters plus the GHN plus factors of size
-O(r * (rows + cols)).
+`GraphBatch`, and group its parameters into a static `Plan`. Device side:
+encode the graph once, decode each parameter's low-rank factors, rescale the
+factors (not the full matrices) with the normalization table, and multiply
+each parameter out directly in its final layout. Peak memory is the predicted
+parameters plus the GHN plus factors of size O(r * (rows + cols)).
 
-Two forms of the same arithmetic: `predict_leaves`, one pure function of the
-whole model (what meta-training jits and differentiates), and `predict_staged`,
-what `GHN.predict` runs: programs keyed by parameter layout and graph-size
-bucket, reused across layers, architectures and calls, so a new architecture
-compiles only the layouts it has not met (tested equal to the first).
+Two forms of the same arithmetic, both writing through `write_factors`:
+`predict_leaves`, one pure function of the whole model (what meta-training jits
+and differentiates), and `predict_staged`, what `GHN.predict` runs. The latter
+uses that the low-rank decoder is linear in its last layer P = [W2; b2]: every
+parameter is W = P[:, :rows]^T C P[:, :cols] with an (r+1) x (r+1) core C that
+does not depend on the width (`basis_cores`). So its decoding programs serve
+every architecture and a new width compiles only one GEMM per matrix layout
+(`write_basis`); vectors and one-row matrices are finished on the host (tested
+equal to the first form).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import os
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -94,6 +98,12 @@ def make_plan(graph: Graph) -> Plan:
     return Plan(groups, infos, dtypes)
 
 
+def _rescale(scale_G, sq_G, size):
+    """The factor giving a decoded matrix of squared norm `sq_G` and `size` entries the
+    normalization table's std `scale_G`."""
+    return scale_G * jax.lax.rsqrt(sq_G / size + EPS)
+
+
 def _decode(decoder, e_GxD, kind, rows, cols, vrow_G, scale_G, center_G, low_rank: bool):
     """Decoded values of G parameters of one (kind, rows, cols): vectors (G, cols),
     low-rank matrices their rescaled factors (A_GxOxr, B_Gxrxc), tiled ones W_GxOxI."""
@@ -109,14 +119,13 @@ def _decode(decoder, e_GxD, kind, rows, cols, vrow_G, scale_G, center_G, low_ran
         ata = jnp.einsum("gRr,gRs->grs", a_GxOxr, a_GxOxr)
         bbt = jnp.einsum("grC,gsC->grs", b_GxrxI, b_GxrxI)
         sq = jnp.sum(ata * bbt, axis=(1, 2))
-        a_GxOxr = a_GxOxr * (scale_G * jax.lax.rsqrt(sq / size + EPS))[:, None, None]
-        return a_GxOxr, b_GxrxI
+        return a_GxOxr * _rescale(scale_G, sq, size)[:, None, None], b_GxrxI
     w_GxOxI = decoder.full(e_GxD, rows, cols)
     sq = jnp.sum(jnp.square(w_GxOxI), axis=(1, 2))
-    return w_GxOxI * (scale_G * jax.lax.rsqrt(sq / size + EPS))[:, None, None]
+    return w_GxOxI * _rescale(scale_G, sq, size)[:, None, None]
 
 
-def _decode_group(ghn, nodes_NxD, group: Group, low_rank: bool) -> list[tuple[int, jax.Array]]:
+def _decode_group(ghn, nodes_NxD, group: Group, low_rank: bool) -> list[tuple[int, Any]]:
     e_GxD = nodes_NxD[jnp.asarray(group.nodes)]
     scale_G = jnp.asarray(group.scales, jnp.float32)
     center_G = jnp.asarray(group.centers, jnp.float32)
@@ -125,11 +134,7 @@ def _decode_group(ghn, nodes_NxD, group: Group, low_rank: bool) -> list[tuple[in
         ghn.decoder, e_GxD, group.kind, group.rows, group.cols, vrow_G, scale_G, center_G, low_rank
     )
     if isinstance(out, tuple):
-        # Materialize the factors: an elementwise producer fused into a dot
-        # turns XLA:CPU's GEMM call into a naive loop nest (~6x slower).
-        factors = [(out[0][i], out[1][i]) for i in range(len(group.leaves))]
-        factors = jax.lax.optimization_barrier(factors)
-        return list(zip(group.leaves, factors))
+        return [(leaf, (out[0][i], out[1][i])) for i, leaf in enumerate(group.leaves)]
     return [(leaf, out[i]) for i, leaf in enumerate(group.leaves)]
 
 
@@ -149,25 +154,58 @@ def _direct_einsum(info: ParamInfo) -> str | None:
     return "".join(letters[a] for a in sorted(letters))
 
 
+def _dense(layout: ParamInfo) -> str | None:
+    """A dense kernel's axis order, "io" or "oi"; None for every other layout."""
+    order = _direct_einsum(layout)
+    plain = layout.canonical_shape[2:] == (1, 1)
+    return order if plain and order in ("io", "oi") else None
+
+
+def write_factors(layout: ParamInfo, lhs, rhs, dtype) -> jax.Array:
+    """The parameter W = A @ B in its own layout, from the GEMM's two operands.
+
+    A dense kernel (`_dense`) is lhs @ rhs itself, the operands in the output's order:
+    A (rows x k) and B (k x cols), or B^T and A^T for one stored (in, out)
+    (`_gemm_operands`). Any other layout takes lhs = A, rhs = B of its canonical
+    (c_out*k_h, c_in*k_w) matrix. Both prediction forms write through here.
+    """
+    # Materialized first: an elementwise producer fused into a dot turns XLA:CPU's GEMM
+    # call into a naive loop nest (~6x slower).
+    lhs, rhs = jax.lax.optimization_barrier((lhs, rhs))
+    if _dense(layout) is not None:
+        # Row-major operands in the output's own order: the plain product XLA:CPU's
+        # GEMM runs fastest.
+        return (lhs.astype(dtype) @ rhs.astype(dtype)).reshape(layout.shape)
+    c_out, c_in, kh, kw = layout.canonical_shape
+    k = lhs.shape[-1]
+    out = _direct_einsum(layout)
+    if out is not None:
+        # W[(o, h), (i, w)] written in the parameter's own axis order, so XLA emits one
+        # GEMM into the output buffer with no transpose copy.
+        left = "oh"[: 1 + (kh > 1)]
+        right = "iw"[: 1 + (kw > 1)]
+        out = "".join(c for c in out if c in left + right)
+        a = lhs.reshape((c_out, kh, k) if kh > 1 else (c_out, k))
+        b = rhs.reshape((k, c_in, kw) if kw > 1 else (k, c_in))
+        w = jnp.einsum(f"{left}r,r{right}->{out}", a.astype(dtype), b.astype(dtype))
+        return w.reshape(layout.shape)
+    w = jnp.einsum("ohr,riw->oihw", lhs.reshape(c_out, kh, k), rhs.reshape(k, c_in, kw))
+    return layout.from_canonical(w).astype(dtype)
+
+
+def _gemm_operands(layout: ParamInfo, a_Oxk, b_kxI) -> tuple:
+    """`write_factors`' operands from canonical factors A (rows x k), B (k x cols)."""
+    if _dense(layout) == "io":
+        return b_kxI.T, a_Oxk.T
+    return a_Oxk, b_kxI
+
+
 def _to_layout(info: ParamInfo, value, dtype) -> jax.Array:
-    """Decoded (rows, cols) matrix, factors or vector -> the parameter's own array."""
-    c_out, c_in, kh, kw = info.canonical_shape
+    """Decoded factors (A, B), (rows, cols) matrix or vector -> the parameter's own array."""
     if isinstance(value, tuple):
-        a_Oxr, b_rxI = value
-        r = a_Oxr.shape[-1]
-        out = _direct_einsum(info)
-        if out is not None:
-            # W[(o, h), (i, w)] written in the parameter's own axis order, so
-            # XLA emits one GEMM into the output buffer with no transpose copy.
-            lhs = "oh"[: 1 + (kh > 1)]
-            rhs = "iw"[: 1 + (kw > 1)]
-            out = "".join(c for c in out if c in lhs + rhs)
-            a = a_Oxr.reshape((c_out, kh, r) if kh > 1 else (c_out, r))
-            b = b_rxI.reshape((r, c_in, kw) if kw > 1 else (r, c_in))
-            w = jnp.einsum(f"{lhs}r,r{rhs}->{out}", a.astype(dtype), b.astype(dtype))
-            return w.reshape(info.shape)
-        w = jnp.einsum("ohr,riw->oihw", a_Oxr.reshape(c_out, kh, r), b_rxI.reshape(r, c_in, kw))
-    elif value.ndim == 2:
+        return write_factors(info, *_gemm_operands(info, *value), dtype)
+    c_out, c_in, kh, kw = info.canonical_shape
+    if value.ndim == 2:
         w = value.reshape(c_out, kh, c_in, kw).transpose(0, 2, 1, 3)
     else:
         w = value.reshape(c_out, c_in, kh, kw)
@@ -190,12 +228,285 @@ def predict_leaves(ghn, batch: GraphBatch, plan: Plan, graph_index: int = 0) -> 
     return leaves
 
 
+def uses_basis(config) -> bool:
+    """Whether `GHN(config)`'s decoder is linear in its last layer column by column, so
+    `basis_cores` decodes every width (the default low-rank decoder; not paper parity,
+    whose row-major view mixes columns, nor the tiled baseline)."""
+    return config.decoder == "lowrank" and not config.paper_parity and config.max_dim > config.rank
+
+
+def basis_cores(decoder, e_GxD, scale_G=None, size_G=None, grams_Gx2xkxk=None) -> jax.Array:
+    """C_Gxkxk (k = r + 1) with W = P[:, :rows]^T C P[:, :cols] at every width, P = [W2; b2].
+
+    The low-rank decoder is linear in its last layer, column by column: its factors for
+    (rows, cols) are A = P[:, :rows]^T A_I and B = B_I P[:, :cols], (A_I, B_I) being its
+    factors when P is the identity; so C = A_I B_I holds all but the width. Given
+    `scale_G`, C is rescaled as `_decode` rescales A, with A^T A = A_I^T G_rows A_I and
+    B B^T = B_I G_cols B_I^T from the Gram matrices G_n = P[:, :n] P[:, :n]^T
+    (`grams_Gx2xkxk`). `decoder` must be the calling program's own merged copy: its last
+    layer is replaced. Needs `uses_basis`.
+    """
+    r = decoder.rank
+    dtype = decoder.w2.get_value().dtype
+    decoder.w2.set_value(jnp.eye(r, r + 1, dtype=dtype))
+    decoder.b2.set_value(jnp.eye(r + 1, dtype=dtype)[r])
+    a_Gxkxr, b_Gxrxk = decoder.factors(e_GxD, r + 1, r + 1)
+    c_Gxkxk = jnp.einsum("gkr,grl->gkl", a_Gxkxr, b_Gxrxk)
+    if scale_G is None:
+        return c_Gxkxk
+    ata = jnp.einsum("gkr,gkl,gls->grs", a_Gxkxr, grams_Gx2xkxk[:, 0], a_Gxkxr)
+    bbt = jnp.einsum("grk,gkl,gsl->grs", b_Gxrxk, grams_Gx2xkxk[:, 1], b_Gxrxk)
+    sq = jnp.sum(ata * bbt, axis=(1, 2))
+    return c_Gxkxk * _rescale(scale_G, sq, size_G)[:, None, None]
+
+
+def matrix_cores(decoder, nodes_NxD, ints_Gx2, floats_Gx2, grams_Gx2xkxk) -> tuple:
+    """The rescaled cores of G matrices (rows of ints: node, stored (in, out); of floats:
+    std, rows * cols), each transposed for a kernel stored (in, out): W^T = P_cols^T C^T
+    P_rows is then written like W."""
+    e_GxD = jnp.take(nodes_NxD, ints_Gx2[:, 0], axis=0)
+    c_Gxkxk = basis_cores(decoder, e_GxD, floats_Gx2[:, 0], floats_Gx2[:, 1], grams_Gx2xkxk)
+    c_Gxkxk = jnp.where(ints_Gx2[:, 1, None, None] > 0, c_Gxkxk.transpose(0, 2, 1), c_Gxkxk)
+    return tuple(c_Gxkxk[i] for i in range(c_Gxkxk.shape[0]))
+
+
+def vector_rows(decoder, nodes_NxD, ints_Gx2) -> jax.Array:
+    """u_Gxk with raw_G = u @ P[:, :cols]: row `vrow` (ints' second column) of each decoded
+    (2, cols) matrix, i.e. P[:, vrow]^T C."""
+    p_kx2 = jnp.concatenate([decoder.w2.get_value()[:, :2], decoder.b2.get_value()[None, :2]])
+    e_GxD = jnp.take(nodes_NxD, ints_Gx2[:, 0], axis=0)
+    c_Gxkxk = basis_cores(decoder, e_GxD)
+    return jnp.einsum("kg,gkl->gl", p_kx2[:, ints_Gx2[:, 1]], c_Gxkxk)
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteKey:
+    """What a matrix's write program depends on: its layout (a `ParamInfo` with path, node
+    and role blanked) and dtype. The one compiled program per layout that a new width
+    needs: a GEMM and the layout, with no decoder in it."""
+
+    layout: ParamInfo
+    dtype: str
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        """How many columns of P the GEMM's two sides span: (rows, cols) of the canonical
+        matrix, (cols, rows) for a kernel stored (in, out)."""
+        rows, cols = _matrix_dims(self.layout)
+        return (cols, rows) if _dense(self.layout) == "io" else (rows, cols)
+
+
+def write_basis(key: WriteKey, pt_Fxk, c_kxk, p_kxS) -> jax.Array:
+    """A matrix in its layout from its core (`matrix_cores`) and the columns of P it spans:
+    P[:, :first]^T and P[:, :second] (`WriteKey.dims`)."""
+    return write_factors(key.layout, pt_Fxk @ c_kxk, p_kxS, key.dtype)
+
+
+def _finish_on_host(member: _Member, out: np.ndarray, basis: _Basis) -> np.ndarray:
+    """A parameter from its decoded row (a vector: u_k) or core (a matrix: C_kxk), on the host.
+
+    For vectors (< 0.1% of a model's bytes, in many sizes) and matrices of one row or
+    column (`_on_host`): the host makes any size without compiling a program for it
+    (float64, then the parameter's dtype).
+    """
+    info = member.info
+    out = out.astype(np.float64)
+    if out.ndim == 1:
+        value = member.center + member.scale * np.tanh(out @ basis.columns(info.size))
+    else:
+        # Matrix-vector products only (one side is a single row or column): BLAS runs
+        # them on one thread (see `_Basis.gram`).
+        rows, cols = _matrix_dims(info)
+        left, right = basis.columns(rows).T, basis.columns(cols)
+        if rows == 1:
+            value = ((left[0] @ out) @ right)[None, :]
+        else:
+            value = (left @ (out @ right[:, 0]))[:, None]
+    return _to_layout(info, value, jnp.dtype(member.dtype))
+
+
+class _HashedKey:
+    """A cache key hashed once: a GHN's GraphDef hashes deeply (~2-4 ms), twice per
+    lookup in an LRU cache."""
+
+    __slots__ = ("key", "_hash")
+
+    def __init__(self, key: tuple):
+        self.key, self._hash = key, hash(key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _HashedKey) and self.key == other.key
+
+
+class _Basis:
+    """What predicting with one GHN state repeats, recognized by the identity of its
+    arrays (`_basis`): its programs' keys, and the decoder's last layer P = [W2; b2] on
+    the host with, per width n, P[:, :n] on the device (as rows or columns) and its Gram
+    matrix."""
+
+    def __init__(self, ghn, graphdef, leaves: list, decoder_leaves: list):
+        self.refs = [weakref.ref(x) for x in leaves]
+        self.encoder_key = _HashedKey((graphdef, _signature(leaves)))
+        self.signature = _signature(decoder_leaves)
+        # What `matrix_cores` returns: its float32 node embeddings through this decoder.
+        self.core_dtype = jnp.result_type(jnp.float32, *(x.dtype for x in decoder_leaves))
+        self.p_kxK = None
+        if uses_basis(ghn.config):
+            w2, b2 = ghn.decoder.w2.get_value(), ghn.decoder.b2.get_value()
+            self.dtype = w2.dtype
+            p = [np.asarray(w2, np.float64), np.asarray(b2, np.float64)[None]]
+            self.p_kxK = np.concatenate(p)
+        self._device: dict = {}
+        self._grams: dict = {}
+        self.runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def matches(self, leaves: list) -> bool:
+        return len(leaves) == len(self.refs) and all(
+            r() is x for r, x in zip(self.refs, leaves, strict=True)
+        )
+
+    def columns(self, n: int) -> np.ndarray:
+        """P[:, :n] (float64); past K column j reuses column j mod K, as `decoder._columns`."""
+        k_max = self.p_kxK.shape[1]
+        return self.p_kxK[:, :n] if n <= k_max else self.p_kxK[:, np.arange(n) % k_max]
+
+    def gram(self, n: int) -> np.ndarray:
+        if n not in self._grams:
+            p = self.columns(n)
+            # einsum's own loops, not BLAS: OpenBLAS threads a (k x n) @ (n x k) product
+            # and, on a busy 2-core machine, took 2.1 s for n = 50257 against 71 ms here.
+            self._grams[n] = np.einsum("kn,ln->kl", p, p).astype(np.float32)
+        return self._grams[n]
+
+    def device(self, n: int, transposed: bool) -> jax.Array:
+        """P[:, :n]^T or P[:, :n] on the device: sliced here, so the write programs hold
+        nothing but their GEMM (an XLA:CPU slice is ~40 ms of LLVM compile per shape)."""
+        if (n, transposed) not in self._device:
+            p = self.columns(n)
+            host = np.ascontiguousarray((p.T if transposed else p).astype(self.dtype))
+            self._device[n, transposed] = jax.device_put(host)
+        return self._device[n, transposed]
+
+
+# GHN states last predicted with (a few: a sweep of one GHN needs one).
+_BASES: LRUCache = LRUCache(4)
+
+
+def _basis(ghn, graphdef, leaves: list, decoder_state) -> _Basis:
+    key = tuple(map(id, leaves))
+    hit = _BASES.get(key)
+    if hit is None or not hit.matches(leaves):
+        hit = _Basis(ghn, graphdef, leaves, jax.tree.leaves(decoder_state))
+        _BASES.put(key, hit)
+    return hit
+
+
+# Parameters per program call. Matrices go to the width-agnostic cores program 8 at a time
+# (the last call repeats its last matrix: a core is ~r^3 flops, the GEMMs take separate
+# calls), 1-D parameters 16 at a time.
+CORE_CHUNK = 8
+VECTOR_CHUNK = 16
+
+
+def _on_host(rows: int, cols: int) -> bool:
+    """Whether a matrix is finished on the host. One of a single row or column (a class
+    token) is a matrix-vector product, which XLA:CPU emits as its own LLVM code (~120 ms
+    to compile against ~25 ms for a GEMM, measured); on the host it takes microseconds."""
+    return min(rows, cols) == 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+    """One parameter of a call and how it is finished: by its write program (`write`, with
+    P[:, :first]^T and P[:, :second] on the device) or on the host (`write` None)."""
+
+    leaf: int
+    info: ParamInfo
+    dtype: str
+    scale: float = 1.0
+    center: float = 0.0
+    write: WriteKey | None = None
+    pt: jax.Array | None = None
+    p: jax.Array | None = None
+
+
+@dataclasses.dataclass
+class _BasisRun:
+    """What predicting one architecture with one decoder state repeats, made once: each
+    call's arguments on the device and its real members (host-finished matrices first)."""
+
+    matrix_calls: list[tuple[tuple[jax.Array, ...], list[_Member]]]
+    vector_calls: list[tuple[jax.Array, list[_Member]]]
+
+
+def _chunks(rows: list, size: int) -> list[tuple[list, list]]:
+    """(real rows, rows padded to `size` by repeating the last) per call."""
+    out = []
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
+        out.append((chunk, chunk + [chunk[-1]] * (size - len(chunk))))
+    return out
+
+
+def _write_key(plan: Plan, leaf: int) -> WriteKey:
+    layout = dataclasses.replace(plan.infos[leaf], path="", node=0, role="")
+    return WriteKey(layout, plan.dtypes[leaf])
+
+
+def write_keys(plan: Plan) -> set[WriteKey]:
+    """The write programs `plan`'s matrices need (with the default decoder)."""
+    return {
+        _write_key(plan, leaf)
+        for g in plan.groups
+        if g.kind == "matrix" and not _on_host(g.rows, g.cols)
+        for leaf in g.leaves
+    }
+
+
+def _basis_run(plan: Plan, basis: _Basis) -> _BasisRun:
+    # Per parameter: (member, its int row, float row, the widths of its Gram matrices).
+    matrices, vectors = [], []
+    for g in plan.groups:
+        for i, leaf in enumerate(g.leaves):
+            info, dtype = plan.infos[leaf], plan.dtypes[leaf]
+            if g.kind == "vector":
+                member = _Member(leaf, info, dtype, g.scales[i], g.centers[i])
+                vectors.append((member, (g.nodes[i], g.vector_rows[i])))
+                continue
+            member = _Member(leaf, info, dtype)
+            io = False
+            if not _on_host(g.rows, g.cols):
+                key = _write_key(plan, leaf)
+                first, second = key.dims
+                pt, p = basis.device(first, True), basis.device(second, False)
+                member = dataclasses.replace(member, write=key, pt=pt, p=p)
+                io = _dense(info) == "io"
+            floats = (g.scales[i], g.rows * g.cols)
+            matrices.append((member, (g.nodes[i], io), floats, (g.rows, g.cols)))
+    # Host-finished first: their cores are ready while the device writes the others.
+    matrices.sort(key=lambda m: m[0].write is not None)
+    matrix_calls = []
+    for real, padded in _chunks(matrices, CORE_CHUNK):
+        ints = np.asarray([m[1] for m in padded], np.int32)
+        floats = np.asarray([m[2] for m in padded], np.float32)
+        grams = np.stack([[basis.gram(n) for n in m[3]] for m in padded])
+        matrix_calls.append((tuple(jax.device_put([ints, floats, grams])), [m[0] for m in real]))
+    vector_calls = []
+    for real, padded in _chunks(vectors, VECTOR_CHUNK):
+        ints = jax.device_put(np.asarray([v[1] for v in padded], np.int32))
+        vector_calls.append((ints, [v[0] for v in real]))
+    return _BasisRun(matrix_calls, vector_calls)
+
+
 @dataclasses.dataclass(frozen=True)
 class LeafKey:
-    """What one parameter's prediction program depends on: its decoded (kind, rows,
-    cols), its layout (a `ParamInfo` with path, node and role blanked), dtype and
-    decoder kind. Every parameter of one layout (a model's blocks, the models of a
-    family at one width) shares one program, so compile time follows the distinct
+    """What one parameter's prediction program depends on when the decoder has no basis
+    (`uses_basis`: the tiled baseline, paper parity): its decoded (kind, rows, cols), its
+    layout (a `ParamInfo` with path, node and role blanked), dtype and decoder kind. Every
+    parameter of one layout shares one program, so compile time follows the distinct
     layouts, not the depth or the number of parameters."""
 
     kind: str
@@ -206,12 +517,9 @@ class LeafKey:
     low_rank: bool
 
 
-# Parameters per program call. 1-D parameters are cheap and many (a GPT-2 Large has
-# 290): 16 to a call, the last call of a layout repeating its last parameter. Matrices
-# go 8, 4, 2 or 1 to a call (the count of a layout split into those, largest first, so
-# nothing is computed twice): XLA:CPU overlaps one call's decoding and GEMMs, which
-# separate calls per matrix would lose (measured ~1.3x slower on 2 cores).
-VECTOR_CHUNK = 16
+# Matrices of one `LeafKey` go 8, 4, 2 or 1 to a call (the count split into those,
+# largest first, so nothing is computed twice): XLA:CPU overlaps one call's decoding and
+# GEMMs, which separate calls per matrix would lose (measured ~1.3x slower on 2 cores).
 MATRIX_CHUNKS = (8, 4, 2, 1)
 
 
@@ -240,7 +548,7 @@ class Call:
 
 
 def leaf_calls(plan: Plan, low_rank: bool) -> list[Call]:
-    """The program calls that predict every parameter of `plan`."""
+    """The program calls that predict every parameter of `plan` (without a basis)."""
     by_key: dict[LeafKey, list] = {}
     for g in plan.groups:
         for i, leaf in enumerate(g.leaves):
@@ -261,13 +569,6 @@ def leaf_calls(plan: Plan, low_rank: bool) -> list[Call]:
     return calls
 
 
-def _dense(key: LeafKey) -> str | None:
-    """A dense kernel's axis order, "io" or "oi"; None for every other layout."""
-    order = _direct_einsum(key.layout)
-    plain = key.layout.canonical_shape[2:] == (1, 1)
-    return order if plain and order in ("io", "oi") else None
-
-
 def predict_call(decoder, nodes_NxD, key: LeafKey, ints_Gx2, floats_Gx2) -> tuple:
     """The parameters of one `Call`, each in its own layout: the arithmetic of
     `predict_leaves` for them."""
@@ -285,23 +586,8 @@ def predict_call(decoder, nodes_NxD, key: LeafKey, ints_Gx2, floats_Gx2) -> tupl
         key.low_rank,
     )
     g = ints_Gx2.shape[0]
-    if not isinstance(out, tuple):
-        return tuple(_to_layout(key.layout, out[i], key.dtype) for i in range(g))
-    a_GxOxr, b_GxrxI = out
-    order = _dense(key)
-    if order is None:
-        # Materialized before the GEMM, as in `_decode_group`.
-        values = jax.lax.optimization_barrier([(a_GxOxr[i], b_GxrxI[i]) for i in range(g)])
-        return tuple(_to_layout(key.layout, v, key.dtype) for v in values)
-    # A dense kernel: the GEMM's operands materialized row-major in the output's own
-    # order (rows x r, r x cols), the plain product XLA:CPU's GEMM runs fastest.
-    if order == "io":
-        pairs = [(b_GxrxI[i].T, a_GxOxr[i].T) for i in range(g)]
-    else:
-        pairs = [(a_GxOxr[i], b_GxrxI[i]) for i in range(g)]
-    pairs = jax.lax.optimization_barrier(pairs)
-    dt = key.dtype
-    return tuple((a.astype(dt) @ b.astype(dt)).reshape(key.layout.shape) for a, b in pairs)
+    values = [(out[0][i], out[1][i]) for i in range(g)] if isinstance(out, tuple) else out
+    return tuple(_to_layout(key.layout, values[i], key.dtype) for i in range(g))
 
 
 # XLA's backend optimizations dominate compile time on CPU (e.g. 18.7 s -> 3.9 s for
@@ -317,10 +603,11 @@ LEAF_PROGRAMS: LRUCache = LRUCache(256)
 
 @dataclasses.dataclass
 class _Program:
-    """A jitted function and the argument shapes it has been compiled for."""
+    """A jitted function and whether `_compile_all` compiled it: each is cached under a
+    key that fixes its argument shapes, so one compilation serves every call."""
 
     fn: Any
-    compiled: set = dataclasses.field(default_factory=set)
+    compiled: bool = False
 
 
 # The decoding programs read node embeddings padded to a multiple of this many rows (not
@@ -332,22 +619,28 @@ def _node_rows(num_nodes: int) -> int:
     return -(-num_nodes // NODE_ROWS) * NODE_ROWS
 
 
-def _encoder_program(graphdef) -> _Program:
+def _signature(leaves: list) -> tuple:
+    return tuple((tuple(np.shape(x)), str(x.dtype)) for x in leaves)
+
+
+def _encoder_program(graphdef, key: tuple) -> _Program:
     def run(state, batch):
         nodes_NxD = nnx.merge(graphdef, state).encode(batch)[0].astype(jnp.float32)
         n = nodes_NxD.shape[0]
         return jnp.pad(nodes_NxD, ((0, _node_rows(n) - n), (0, 0)))
 
     return ENCODERS.get_or_build(
-        graphdef, lambda: _Program(jax.jit(run, compiler_options=FAST_COMPILE_OPTIONS))
+        key, lambda: _Program(jax.jit(run, compiler_options=FAST_COMPILE_OPTIONS))
     )
 
 
-def _call_program(decoder_graphdef, key: LeafKey, shardings) -> _Program:
+def _decoder_program(fn, decoder_graphdef, key: tuple, shardings=None) -> _Program:
+    """`fn(decoder, nodes_NxD, *args)` as a program, cached under `key` (which names `fn`
+    and fixes the argument shapes)."""
+
     def build():
-        def run(decoder_state, nodes_NxD, ints_Gx2, floats_Gx2):
-            decoder = nnx.merge(decoder_graphdef, decoder_state)
-            return predict_call(decoder, nodes_NxD, key, ints_Gx2, floats_Gx2)
+        def run(decoder_state, nodes_NxD, *args):
+            return fn(nnx.merge(decoder_graphdef, decoder_state), nodes_NxD, *args)
 
         options = FAST_COMPILE_OPTIONS
         return _Program(jax.jit(run, out_shardings=shardings, compiler_options=options))
@@ -355,21 +648,26 @@ def _call_program(decoder_graphdef, key: LeafKey, shardings) -> _Program:
     return LEAF_PROGRAMS.get_or_build((decoder_graphdef, key, shardings), build)
 
 
+def _write_program(key: WriteKey, sharding) -> _Program:
+    def build():
+        run = functools.partial(write_basis, key)
+        options = FAST_COMPILE_OPTIONS
+        return _Program(jax.jit(run, out_shardings=sharding, compiler_options=options))
+
+    return LEAF_PROGRAMS.get_or_build((key, sharding), build)
+
+
 def _compile_all(jobs: Sequence[tuple[_Program, tuple]]) -> int:
     """Compiles the (program, example arguments) pairs not compiled yet, side by side
     (XLA compiles without holding the GIL; later calls hit jit's own cache). Returns
     how many it compiled."""
-    todo = {}
-    for program, args in jobs:
-        shapes = _input_key(args)
-        if shapes not in program.compiled:
-            todo[id(program), shapes] = (program, shapes, args)
+    todo = {id(p): (p, args) for p, args in jobs if not p.compiled}
     if todo:
         workers = min(len(todo), os.cpu_count() or 1)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda job: job[0].fn.lower(*job[2]).compile(), todo.values()))
-        for program, shapes, _ in todo.values():
-            program.compiled.add(shapes)
+            list(pool.map(lambda job: job[0].fn.lower(*job[1]).compile(), todo.values()))
+        for program, _ in todo.values():
+            program.compiled = True
     return len(todo)
 
 
@@ -377,56 +675,124 @@ def predict_staged(ghn, prepared: Prepared, shardings=None) -> list[jax.Array]:
     """The parameters of `prepared`'s model (flat-state order), program by program.
 
     Programs are keyed by what repeats, not by the model: the graph's encoding (per
-    graph-size bucket), then the parameters of one layout (`LeafKey`) a few at a time
-    (`Call`): decoded, rescaled and multiplied out in their own layout. They are
-    reused across layers, architectures and calls, so compile time follows the
-    distinct layouts, not depth; the programs a call needs are compiled together, in
-    parallel threads. Differentiable w.r.t. the GHN: under `jax.grad` or `jax.jit`
-    the same functions are traced into the caller's program.
+    graph-size bucket); with the default decoder (`uses_basis`), the decoding of every
+    matrix's core and vector's row (`matrix_cores`, `vector_rows`: two programs for all
+    widths), then per matrix layout a GEMM that writes it (`write_basis`), while vectors
+    are finished on the host. A new width of a family compiles only its write programs;
+    other decoders compile a program per layout (`LeafKey`). The programs a call needs
+    are compiled together, in parallel threads. Differentiable w.r.t. the GHN: under
+    `jax.grad` or `jax.jit`, `predict_leaves` is traced into the caller's program.
     """
     graphdef, state = nnx.split(ghn)
+    state_leaves = jax.tree.leaves(state)
+    if any(isinstance(x, jax.core.Tracer) for x in state_leaves):
+        return predict_leaves(ghn, prepared.batch, prepared.plan)
     decoder_graphdef, decoder_state = nnx.split(ghn.decoder)
-    low_rank = getattr(ghn.config, "decoder", "lowrank") == "lowrank"
-    calls, args = prepared.calls(low_rank)
-    encode = _encoder_program(graphdef)
+    basis = _basis(ghn, graphdef, state_leaves, decoder_state)
+    encode = _encoder_program(graphdef, (basis.encoder_key, prepared.batch_key))
+    rows = _node_rows(prepared.batch.num_nodes)
+    nodes = jax.ShapeDtypeStruct((rows, ghn.config.d_model), jnp.float32)
     leaves: list[Any] = [None] * len(prepared.plan.infos)
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(state)):
-        # Inside jax.grad / jit: the same functions, traced into the caller's program.
-        nodes_NxD = ghn.encode(prepared.batch)[0].astype(jnp.float32)
-        for call in calls:
-            values = predict_call(ghn.decoder, nodes_NxD, call.key, call.ints_Gx2, call.floats_Gx2)
-            for leaf, value in zip(call.leaves, values, strict=False):
-                leaves[leaf] = value
+    if not uses_basis(ghn.config):
+        programs = (encode, state, prepared.batch), (decoder_graphdef, decoder_state)
+        _predict_calls(ghn, prepared, shardings, (*programs, (basis.signature, rows)), leaves)
         return leaves
-    programs = []
+    run = basis.runs.get(prepared)
+    if run is None:
+        run = basis.runs[prepared] = _basis_run(prepared.plan, basis)
+    cores = _decoder_program(matrix_cores, decoder_graphdef, ("cores", basis.signature, rows))
+    vrows = _decoder_program(vector_rows, decoder_graphdef, ("rows", basis.signature, rows))
+    k = ghn.config.rank + 1
+    core = jax.ShapeDtypeStruct((k, k), basis.core_dtype)
+    examples = {}
+    for _, members in run.matrix_calls:
+        for m in members:
+            if m.write is not None:
+                sh = None if shardings is None else shardings[m.leaf]
+                examples.setdefault((m.write, sh), (m.pt, core, m.p))
+    writes = {key: _write_program(*key) for key in examples}
+    jobs = [(encode, (state, prepared.batch))]
+    if run.matrix_calls:
+        jobs.append((cores, (decoder_state, nodes, *run.matrix_calls[0][0])))
+    if run.vector_calls:
+        jobs.append((vrows, (decoder_state, nodes, run.vector_calls[0][0])))
+    # Longest first: a conv's layout transpose compiles ~3x slower than a dense GEMM.
+    order = sorted(examples, key=lambda key: _dense(key[0].layout) is not None)
+    jobs += [(writes[key], examples[key]) for key in order]
+    _compile_all(jobs)
+
+    nodes_NxD = encode.fn(state, prepared.batch)
+    # What the host finishes is dispatched first, so it is ready while the device writes.
+    # Per host member: (member, its call's output, its row there; None for a core).
+    host = []
+    for args, members in run.vector_calls:
+        u_Gxk = vrows.fn(decoder_state, nodes_NxD, args)
+        host += [(m, u_Gxk, i) for i, m in enumerate(members)]
+    for args, members in run.matrix_calls:
+        cs = cores.fn(decoder_state, nodes_NxD, *args)
+        for m, c in zip(members, cs, strict=False):
+            if m.write is None:
+                host.append((m, c, None))
+            else:
+                sh = None if shardings is None else shardings[m.leaf]
+                leaves[m.leaf] = writes[m.write, sh].fn(m.pt, c, m.p)
+    fetched, values = {}, []
+    for m, out, i in host:
+        if id(out) not in fetched:
+            fetched[id(out)] = np.asarray(out)
+        x = fetched[id(out)]
+        values.append(_finish_on_host(m, x if i is None else x[i], basis))
+    sh = None if shardings is None else [shardings[m.leaf] for m, _, _ in host]
+    for (m, _, _), value in zip(host, jax.device_put(values, sh), strict=True):
+        leaves[m.leaf] = value
+    return leaves
+
+
+def _predict_calls(ghn, prepared: Prepared, shardings, programs: tuple, leaves: list) -> None:
+    """`predict_staged` for decoders without a basis: a program per `LeafKey`.
+
+    programs: the encoder's program and its arguments (state, batch), the decoder's split
+    (graphdef, state), and the decoding programs' key beyond the `LeafKey`.
+    """
+    (encode, state, batch), (decoder_graphdef, decoder_state), key = programs
+    calls, args = prepared.calls(ghn.config.decoder == "lowrank")
+    nodes = jax.ShapeDtypeStruct((key[-1], ghn.config.d_model), jnp.float32)
+    decoders = []
     for call in calls:
         sh = None
         if shardings is not None:
             sh = tuple(shardings[i] for i in call.leaves)
             sh += (sh[-1],) * (len(call.ints_Gx2) - len(sh))
-        programs.append(_call_program(decoder_graphdef, call.key, sh))
-    rows = _node_rows(prepared.batch.num_nodes)
-    nodes = jax.ShapeDtypeStruct((rows, ghn.config.d_model), jnp.float32)
-    jobs = [(encode, (state, prepared.batch))]
-    jobs += [(fn, (decoder_state, nodes, *a)) for fn, a in zip(programs, args, strict=True)]
+
+        def fn(decoder, nodes_NxD, ints_Gx2, floats_Gx2, key=call.key):
+            return predict_call(decoder, nodes_NxD, key, ints_Gx2, floats_Gx2)
+
+        decoders.append(_decoder_program(fn, decoder_graphdef, (call.key, *key), sh))
+    jobs = [(encode, (state, batch))]
+    jobs += [(fn, (decoder_state, nodes, *a)) for fn, a in zip(decoders, args, strict=True)]
     _compile_all(jobs)
-    nodes_NxD = encode.fn(state, prepared.batch)
-    for program, call, a in zip(programs, calls, args, strict=True):
+    nodes_NxD = encode.fn(state, batch)
+    for program, call, a in zip(decoders, calls, args, strict=True):
         values = program.fn(decoder_state, nodes_NxD, *a)
         for leaf, value in zip(call.leaves, values, strict=False):
             leaves[leaf] = value
-    return leaves
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Prepared:
-    """Everything host-side that `predict` needs for one architecture."""
+    """Everything host-side that `predict` needs for one architecture (hashed by identity:
+    what a decoder state derives for it is kept in `_Basis.runs`)."""
 
     graph: Graph
     batch: GraphBatch
     plan: Plan
     treedef: Any
     _calls: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def batch_key(self) -> tuple:
+        """The batch's shapes and dtypes (part of the encoder program's key)."""
+        return _input_key(self.batch)
 
     def calls(self, low_rank: bool) -> tuple[list[Call], list[tuple[jax.Array, jax.Array]]]:
         """`leaf_calls` of the plan and their arguments on the device, made once."""
