@@ -153,8 +153,11 @@ import ghn
 spec = ghn.zoo.get("gpt2-xl")
 model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
 g = ghn.trace(model, spec.input_spec(batch_size=1))
-print(json.dumps({"nodes": g.num_nodes, "params": g.num_params,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+try:  # this process image's own peak: ru_maxrss carries the forking parent's over exec
+    peak_kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+except OSError:
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"nodes": g.num_nodes, "params": g.num_params, "rss_mb": peak_kb / 1024}))
 """
 
 
