@@ -13,7 +13,8 @@ same config, differing only in float32 round-off of the bucketed attention:
 loss 1.37, held-out 0.43 and 0.07): four training architectures generalize
 little and unstably. With attention nodes carrying their head geometry
 (`ghn.attention_shapes`, the default since) and host-drawn GHN init: loss 1.31,
-held-out 0.23 and 0.11, larger 0.10 (wall time not comparable: shared cores). Broader 800-1400-step variants (the stream over the 17
+held-out 0.23 and 0.11, larger 0.10 (wall time not comparable: shared cores).
+Broader 800-1400-step variants (the stream over the 17
 ViTs of these ranges, or 26 with 1-3 blocks and width 16-64) fit less in
 this budget and reach 0.20-0.27 on held-out ViTs (RESULTS.md, "Default job").
 The shipped `vit-mnist` GHN is this config with 16 architectures and 4000
