@@ -32,6 +32,7 @@ from flax import nnx
 from ghn.errors import ConfigError
 from ghn.graph import Graph, trace
 from ghn.graph.graph import norm_like
+from ghn.tasks import Task
 
 
 def output_scale_paths(graph: Graph) -> list[str]:
@@ -95,18 +96,13 @@ def fit_scale(logits_NxC: np.ndarray, labels_N: np.ndarray, *, max_scale: float 
     return 0.5 * (lo + hi)
 
 
-def _logits_and_labels(model, kind: str, batches) -> tuple[np.ndarray, np.ndarray]:
-    forward = nnx.jit(lambda m, x: m(x).astype(jnp.float32))
+def _logits_and_labels(model, task: Task, batches) -> tuple[np.ndarray, np.ndarray]:
+    forward = nnx.jit(lambda m, b: task.logits_and_labels(m, b))
     zs, ys = [], []
     for batch in batches:
-        if kind == "text":
-            tokens = jnp.asarray(batch["tokens"])
-            z = forward(model, tokens[:, :-1])
-            zs.append(np.asarray(z).reshape(-1, z.shape[-1]))
-            ys.append(np.asarray(tokens[:, 1:]).reshape(-1))
-        else:
-            zs.append(np.asarray(forward(model, jnp.asarray(batch["image"], jnp.float32))))
-            ys.append(np.asarray(batch["label"]))
+        z, y = forward(model, jax.tree.map(jnp.asarray, batch))
+        zs.append(np.asarray(z).reshape(-1, z.shape[-1]))
+        ys.append(np.asarray(y).reshape(-1))
     if not zs:
         raise ConfigError("tempering needs at least one batch")
     return np.concatenate(zs), np.concatenate(ys)
@@ -123,9 +119,11 @@ def temper(model: nnx.Module, task, batches: Iterable[dict], *, example_input=No
       example_input: what to trace the model with; default: the first batch's input.
     """
     batches = list(batches)
-    kind = task if isinstance(task, str) else task.kind
-    if kind not in ("image", "text"):
-        raise ConfigError(f"task must be 'image' or 'text', got {kind!r}")
+    if isinstance(task, str):
+        if task not in ("image", "text"):
+            raise ConfigError(f"task must be 'image' or 'text', got {task!r}")
+        task = Task(task)
+    kind = task.kind
     if example_input is None:
         if not batches:
             raise ConfigError("tempering needs at least one batch")
@@ -137,7 +135,7 @@ def temper(model: nnx.Module, task, batches: Iterable[dict], *, example_input=No
         )
     graph = trace(model, example_input)
     paths = set(output_scale_paths(graph))
-    alpha = fit_scale(*_logits_and_labels(model, kind, batches))
+    alpha = fit_scale(*_logits_and_labels(model, task, batches))
     # `graph.params` lists the parameters in `nnx.state` flattening order.
     leaves, treedef = jax.tree_util.tree_flatten(nnx.state(model, nnx.Param))
     leaves = [

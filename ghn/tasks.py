@@ -36,21 +36,24 @@ class Task:
             return spec.input_spec(batch_size, seq_len=self.seq_len)
         return spec.input_spec(batch_size)
 
+    def logits_and_labels(self, model, batch: dict[str, jax.Array], dtype=jnp.float32) -> tuple:
+        """float32 logits and the labels they predict: next tokens for text, classes for images."""
+        if self.kind == "text":
+            tokens_BxL1 = batch["tokens"]
+            return model(tokens_BxL1[:, :-1]).astype(jnp.float32), tokens_BxL1[:, 1:]
+        return model(batch["image"].astype(dtype)).astype(jnp.float32), batch["label"]
+
     def sums(self, model, batch: dict[str, jax.Array], dtype=jnp.float32) -> dict[str, jax.Array]:
         """Masked sums of the loss and the metric's numerator, and the count they are over."""
         if self.kind == "text":
-            tokens_BxL1 = batch["tokens"]
-            logits_BxLxV = model(tokens_BxL1[:, :-1]).astype(jnp.float32)
-            labels_BxL = tokens_BxL1[:, 1:]
+            logits_BxLxV, labels_BxL = self.logits_and_labels(model, batch)
             nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV, labels_BxL)
             w_BxL = jnp.ones(nll_BxL.shape, jnp.float32)
             if "mask" in batch:
                 w_BxL = w_BxL * batch["mask"].astype(jnp.float32)[:, None]
             loss_sum = jnp.sum(nll_BxL * w_BxL)
             return {"loss_sum": loss_sum, "metric_sum": loss_sum, "count": jnp.sum(w_BxL)}
-        x_BxYxXxC = batch["image"].astype(dtype)
-        logits_BxV = model(x_BxYxXxC).astype(jnp.float32)
-        labels_B = batch["label"]
+        logits_BxV, labels_B = self.logits_and_labels(model, batch, dtype)
         nll_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxV, labels_B)
         correct_B = (jnp.argmax(logits_BxV, axis=-1) == labels_B).astype(jnp.float32)
         w_B = batch["mask"].astype(jnp.float32) if "mask" in batch else jnp.ones_like(nll_B)
