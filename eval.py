@@ -20,13 +20,14 @@ the dataset.
 (`ghn.baselines.mimetic_init`: the family's random init with self-attention set
 to query-key ~ +identity, value-output ~ -identity), same recipe and seeds.
 
---temper tempers each prediction first: its output layer is scaled by the
-alpha in [0, 1] that minimizes the loss on 4 training batches
-(`ghn.calibrate.temper`), so a prediction for data or an architecture the GHN
-does not know starts no worse than the uniform guess, and a good prediction
-keeps alpha = 1. The saved parameters are then the tempered ones. It is off by
-default: on the one confidently wrong prediction measured (RESULTS.md), the
-tempered init started level with random but fine-tuned slower than the raw one.
+--temper (default auto) tempers a prediction that is worse than the uniform
+guess on 4 training batches: its output layer is scaled by the alpha in [0, 1]
+that minimizes the loss there (`ghn.calibrate.temper`), so a prediction for
+data or an architecture the GHN does not know starts no worse than chance,
+while every prediction better than chance is left as predicted (tempering a
+good one slows its fine-tuning). --temper=always tempers every prediction,
+--temper=never none. The saved parameters are the tempered ones, and the
+tables show the factor (x alpha).
 
 Writes to --workdir: results.json and results.md (metrics at step 0, N/10, N
 and the speed-up), curves/<arch>.png, curves.json, and predicted/<arch>/ (the
@@ -53,8 +54,11 @@ _EVAL_BATCHES = flags.DEFINE_integer(
 )
 _EVAL_BATCH_SIZE = flags.DEFINE_integer("eval_batch_size", 250, "Validation batch size.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random-init, data-order and prediction seed.")
-_PAPER_PARITY = flags.DEFINE_string(
-    "paper_parity_ghn", None, "Also fine-tune from this (paper_parity) GHN's prediction."
+_COMPARE = flags.DEFINE_list(
+    "compare_ghns",
+    [],
+    "Also fine-tune from these GHNs' predictions, as LABEL=GHN (comma list; GHN as for "
+    "--ghn), e.g. transpose=runs/dec_transpose to compare two decoders.",
 )
 _NOISE = flags.DEFINE_list(
     "noise_mix",
@@ -68,13 +72,14 @@ _BASELINES = flags.DEFINE_list(
     "Also fine-tune from these closed-form inits of the same random init (comma list; "
     "`mimetic`: Trockman & Kolter 2023's attention init, ViTs and GPT-2s).",
 )
-_TEMPER = flags.DEFINE_boolean(
+_TEMPER = flags.DEFINE_enum(
     "temper",
-    False,
-    "Temper each prediction's output layer on 4 training batches (ghn.calibrate): logits "
-    "scaled by the alpha in [0, 1] with the least loss, so a confidently wrong prediction "
-    "(new data, an architecture far from training) starts no worse than uniform. Off by "
-    "default: on the one such prediction measured it also slowed fine-tuning (RESULTS.md).",
+    "auto",
+    ["auto", "always", "never"],
+    "Temper predictions' output layer on 4 training batches (ghn.calibrate): logits "
+    "scaled by the alpha in [0, 1] with the least loss. auto: only predictions worse "
+    "than the uniform guess there (confidently wrong: new data, an architecture far "
+    "from training); always: every prediction; never: none.",
 )
 _DATA = flags.DEFINE_string("data", None, "Dataset name; default: the GHN's training data.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Text datasets: sequence length (default: GHN's).")
@@ -90,7 +95,12 @@ def main(argv):
     from ghn import evaluate
 
     hyper, info = ghn.load(_GHN.value, with_info=True)
-    other_ghns = {"paper_parity": ghn.load(_PAPER_PARITY.value)} if _PAPER_PARITY.value else {}
+    other_ghns = {}
+    for entry in _COMPARE.value:
+        label, sep, where = entry.partition("=")
+        if not sep or not label or not where:
+            raise ValueError(f"--compare_ghns takes LABEL=GHN entries, got {entry!r}")
+        other_ghns[label] = ghn.load(where)
     kw = {"data_dir": _DATA_DIR.value} if _DATA_DIR.value else {}
     if _DATA.value:
         setup = evaluate.Setup.from_name(_DATA.value, seq_len=_SEQ_LEN.value, **kw)
@@ -122,7 +132,7 @@ def main(argv):
         baseline_ghns=other_ghns,
         noise_mixes=[float(a) for a in _NOISE.value],
         baselines=_BASELINES.value,
-        tempered=_TEMPER.value,
+        temper_mode=_TEMPER.value,
     )
 
 

@@ -108,7 +108,20 @@ def _logits_and_labels(model, task: Task, batches) -> tuple[np.ndarray, np.ndarr
     return np.concatenate(zs), np.concatenate(ys)
 
 
-def temper(model: nnx.Module, task, batches: Iterable[dict], *, example_input=None) -> float:
+WHEN = ("always", "worse_than_uniform")
+
+
+def mean_loss(logits_NxC: np.ndarray, labels_N: np.ndarray, alpha: float = 1.0) -> float:
+    """The mean cross-entropy of alpha * logits (float64)."""
+    z = alpha * np.asarray(logits_NxC, np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return float(-np.take_along_axis(log_p, np.asarray(labels_N)[:, None], axis=-1).mean())
+
+
+def temper(
+    model: nnx.Module, task, batches: Iterable[dict], *, example_input=None, when: str = "always"
+) -> float:
     """Rescales `model`'s output layer in place (see the module docstring); returns alpha.
 
     Args:
@@ -117,7 +130,14 @@ def temper(model: nnx.Module, task, batches: Iterable[dict], *, example_input=No
         (next-token prediction; batches hold "tokens"), or a `ghn.tasks.Task`.
       batches: a few training batches (dicts with "image"/"label" or "tokens").
       example_input: what to trace the model with; default: the first batch's input.
+      when: "always" fits alpha for every prediction; "worse_than_uniform" only for
+        one whose loss on `batches` is above the uniform guess's, ln C (a prediction
+        worse than knowing nothing), and leaves every other untouched (alpha = 1):
+        in-distribution predictions keep the confidence that makes them fine-tune
+        fast, confidently wrong ones start no worse than chance.
     """
+    if when not in WHEN:
+        raise ConfigError(f"when must be one of {WHEN}, got {when!r}")
     batches = list(batches)
     if isinstance(task, str):
         if task not in ("image", "text"):
@@ -135,7 +155,11 @@ def temper(model: nnx.Module, task, batches: Iterable[dict], *, example_input=No
         )
     graph = trace(model, example_input)
     paths = set(output_scale_paths(graph))
-    alpha = fit_scale(*_logits_and_labels(model, task, batches))
+    logits_NxC, labels_N = _logits_and_labels(model, task, batches)
+    if when == "worse_than_uniform":
+        if mean_loss(logits_NxC, labels_N) <= uniform_loss(logits_NxC.shape[-1]):
+            return 1.0
+    alpha = fit_scale(logits_NxC, labels_N)
     # `graph.params` lists the parameters in `nnx.state` flattening order.
     leaves, treedef = jax.tree_util.tree_flatten(nnx.state(model, nnx.Param))
     leaves = [

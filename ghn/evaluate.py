@@ -359,13 +359,24 @@ def predict_model(hyper, spec: ArchSpec, setup: Setup, seed: int = 0) -> tuple[n
 
 # Training batches the output layer of a prediction is tempered on (`ghn.calibrate`).
 TEMPER_BATCHES = 4
+# When predictions are tempered: "auto" only those worse than the uniform guess on
+# those batches (`ghn.calibrate.temper(when="worse_than_uniform")`).
+TEMPER_MODES = ("auto", "always", "never")
 
 
-def temper_prediction(model: nnx.Module, spec: ArchSpec, setup: Setup, recipe: Recipe) -> float:
-    """Tempers `model`'s output layer on the first training batches of `recipe`'s order."""
+def temper_prediction(
+    model: nnx.Module, spec: ArchSpec, setup: Setup, recipe: Recipe, mode: str
+) -> float | None:
+    """Tempers `model`'s output layer on the first training batches of `recipe`'s order
+    (per `mode`, one of `TEMPER_MODES`); the factor, or None with mode "never"."""
+    if mode not in TEMPER_MODES:
+        raise ValueError(f"temper must be one of {TEMPER_MODES}, got {mode!r}")
+    if mode == "never":
+        return None
     it = setup.train_iterator(recipe)
     batches = [next(it) for _ in range(TEMPER_BATCHES)]
-    return temper(model, setup.task, batches, example_input=setup.input_spec(spec))
+    when = "always" if mode == "always" else "worse_than_uniform"
+    return temper(model, setup.task, batches, example_input=setup.input_spec(spec), when=when)
 
 
 def compare(
@@ -377,13 +388,13 @@ def compare(
     baseline_ghns: dict[str, Any] | None = None,
     noise_mixes: Sequence[float] = (),
     baselines: Sequence[str] = (),
-    tempered: bool = False,
+    temper_mode: str = "never",
     progress: bool = False,
 ) -> Result:
     """Fine-tunes `spec` from `hyper`'s prediction and from the family's random init.
 
-    `baseline_ghns` adds more predicted inits by name (e.g. a `paper_parity`
-    GHN). All runs share the recipe, data order and seeds; the random init is
+    `baseline_ghns` adds more predicted inits by label (e.g. a GHN with
+    another decoder). All runs share the recipe, data order and seeds; the random init is
     `spec.build(rngs=nnx.Rngs(recipe.seed))`, and predicted inits start from the
     same model with every parameter replaced. Each `a` in `noise_mixes` adds
     the init "predicted+noise{a}" (`mix_with_random`): the prediction blended
@@ -391,10 +402,11 @@ def compare(
     Each name in `baselines` (`ghn.baselines.BASELINES`, e.g. "mimetic") adds
     that closed-form init, built from the same random init with the same seed.
 
-    With `tempered`, every GHN's prediction has its output layer tempered first
+    `temper_mode` "always" tempers every GHN's prediction's output layer first
     (`ghn.calibrate`: logits scaled by the alpha in [0, 1] that minimizes the loss
     on `TEMPER_BATCHES` training batches), so a confidently wrong prediction
-    starts no worse than the uniform one; a good prediction keeps alpha = 1.
+    starts no worse than the uniform one; "auto" tempers only predictions whose
+    loss there is above the uniform guess's and leaves the others as predicted.
     """
     spec = setup.fit(spec)
     for name in baselines:
@@ -403,8 +415,9 @@ def compare(
     curves: dict[str, Curve] = {}
     scales: dict[str, float] = {}
     model, predicted = predict_model(hyper, spec, setup, recipe.seed)
-    if tempered:
-        scales["predicted"] = temper_prediction(model, spec, setup, recipe)
+    scale = temper_prediction(model, spec, setup, recipe, temper_mode)
+    if scale is not None:
+        scales["predicted"] = scale
         predicted = nnx.state(model, nnx.Param)
     predicted_copy = jax.tree.map(jnp.copy, predicted)
     curves["predicted"] = finetune(
@@ -419,8 +432,9 @@ def compare(
         )
     for name, other in (baseline_ghns or {}).items():
         model, _ = predict_model(other, spec, setup, recipe.seed)
-        if tempered:
-            scales[name] = temper_prediction(model, spec, setup, recipe)
+        scale = temper_prediction(model, spec, setup, recipe, temper_mode)
+        if scale is not None:
+            scales[name] = scale
         curves[name] = finetune(
             model, setup, recipe, init=name, progress=progress, eval_data=eval_data
         )
@@ -463,7 +477,7 @@ def run(
     baseline_ghns: dict[str, Any] | None = None,
     noise_mixes: Sequence[float] = (),
     baselines: Sequence[str] = (),
-    tempered: bool = False,
+    temper_mode: str = "never",
     progress: bool = True,
 ) -> dict[str, Any]:
     """`compare` for every spec, writing what eval.py promises to `workdir`.
@@ -492,7 +506,7 @@ def run(
             baseline_ghns=baseline_ghns,
             noise_mixes=noise_mixes,
             baselines=baselines,
-            tempered=tempered,
+            temper_mode=temper_mode,
             progress=progress,
         )
         rows += result.rows()
@@ -508,7 +522,7 @@ def run(
             "data": setup.train.name,
             "metric": metric,
             "recipe": dataclasses.asdict(recipe),
-            "tempered": tempered,
+            "temper": temper_mode,
             "seconds": round(time.perf_counter() - start, 1),
             "rows": rows,
         }
@@ -518,7 +532,7 @@ def run(
         (workdir / "results.md").write_text(
             f"GHN `{ghn_name}` on {setup.train.name}, N = {recipe.steps} fine-tuning steps "
             f"(lr {recipe.lr}, batch {recipe.batch_size}, seed {recipe.seed})."
-            + (TEMPERED_NOTE if tempered else "")
+            + TEMPER_NOTES[temper_mode]
             + "\n\n"
             + table
         )
@@ -560,7 +574,8 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
 COLORS = {
     "predicted": "tab:blue",
     "random": "tab:gray",
-    "paper_parity": "tab:orange",
+    "transpose": "tab:orange",
+    "view": "tab:purple",
     "mimetic": "tab:red",
 }
 for _i, _a in enumerate((0.25, 0.5, 0.75)):
@@ -611,10 +626,13 @@ def format_value(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-TEMPERED_NOTE = (
-    " Predicted inits have their output layer tempered on 4 training batches"
-    " (`ghn.calibrate`; the factor is shown as x alpha when below 1)."
-)
+TEMPER_NOTES = {
+    "always": " Predicted inits have their output layer tempered on 4 training batches"
+    " (`ghn.calibrate`; the factor is shown as x alpha when below 1).",
+    "auto": " Predicted inits worse than the uniform guess on 4 training batches have"
+    " their output layer tempered there (`ghn.calibrate`; shown as x alpha).",
+    "never": "",
+}
 
 
 def init_label(row: dict[str, Any]) -> str:

@@ -122,3 +122,28 @@ def test_temper_scales_the_logits_exactly_and_never_raises_the_loss(family):
     loss_before = mean_ce(jnp.asarray(before), jnp.asarray(labels), 1.0)
     loss_after = mean_ce(jnp.asarray(after), jnp.asarray(labels), 1.0)
     assert loss_after <= min(loss_before, math.log(classes)) + 1e-5
+
+
+def test_worse_than_uniform_tempers_only_predictions_worse_than_chance():
+    """eval.py's default: a confidently wrong prediction is tempered; one better than the
+    uniform guess keeps every parameter, bitwise."""
+    rng = np.random.default_rng(2)
+    _, model = vit()
+    model = perturbed(model, 0)
+    images = [rng.normal(size=(16, 8, 8, 3)).astype(np.float32) for _ in range(3)]
+    logits = [np.asarray(model(jnp.asarray(x))) for x in images]
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+
+    # Labels = the model's own argmax: every image's label has probability >= 1/C, so
+    # the loss is below ln C and nothing changes.
+    right = [{"image": x, "label": z.argmax(-1)} for x, z in zip(images, logits, strict=True)]
+    assert temper(model, "image", right, when="worse_than_uniform") == 1.0
+    after = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+
+    # Labels = its least likely class: worse than chance, so it is tempered, as "always".
+    wrong = [{"image": x, "label": z.argmin(-1)} for x, z in zip(images, logits, strict=True)]
+    alpha = temper(model, "image", wrong, when="worse_than_uniform")
+    assert 0.0 <= alpha < 1.0
+    with pytest.raises(ConfigError, match="when"):
+        temper(model, "image", wrong, when="sometimes")

@@ -195,7 +195,7 @@ def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path
         "--eval_batches=1",
         "--eval_batch_size=50",
         "--baselines=mimetic",
-        "--temper",
+        "--temper=always",
         f"--workdir={out}",
     ]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
@@ -211,9 +211,11 @@ def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path
     # head, so at step 0 it predicts uniformly, as random init does.)
     assert rows[0]["loss_n"] != rows[2]["loss_n"]
     assert rows[1]["loss_0"] == rows[2]["loss_0"] and rows[1]["loss_n"] != rows[2]["loss_n"]
-    # The prediction was tempered (--temper): its output layer scaled by alpha in [0, 1].
+    # The prediction was tempered (--temper=always): its output layer scaled by alpha in
+    # [0, 1].
     alpha = rows[0]["output_scale"]
-    assert record["tempered"] and 0.0 <= alpha <= 1.0 and "output_scale" not in rows[2]
+    assert record["temper"] == "always" and 0.0 <= alpha <= 1.0
+    assert "output_scale" not in rows[2]
     assert "speedup" in rows[1] and "reached" in rows[1]  # relative to random, as predicted's
     arch = rows[0]["arch"]
     assert (out / "curves" / f"{arch}.png").stat().st_size > 10_000

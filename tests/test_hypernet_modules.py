@@ -62,7 +62,7 @@ def test_attention_shapes_reach_the_encoder_only_when_configured(graphs):
 
 
 def test_config_json_round_trip_and_named_sizes():
-    cfg = GHNConfig.named("small", paper_parity=True, past_max_dim="wrap")
+    cfg = GHNConfig.named("small", factors="transpose", past_max_dim="wrap")
     assert GHNConfig.from_json(cfg.to_json()) == cfg
     assert GHNConfig.from_json(cfg.to_dict()) == cfg
     tiny = GHNConfig.named("tiny")
@@ -185,9 +185,9 @@ def test_lowrank_factor_shapes_full_and_rank(small_ghn):
     assert dec.full(e, 2, 7).shape == (3, 2, 7)  # 1-D parameters: two rows
 
 
-@pytest.mark.parametrize("paper_parity", [False, True])
-def test_lowrank_slicing_is_exact(paper_parity):
-    cfg = SMALL.replace(paper_parity=paper_parity)
+@pytest.mark.parametrize("factors", ["transpose", "view"])
+def test_lowrank_slicing_is_exact(factors):
+    cfg = SMALL.replace(factors=factors)
     dec = LowRankDecoder(cfg, rngs=nnx.Rngs(0))
     e = embeddings(2, 16)
     big = dec.full(e, 60, 64)
@@ -197,8 +197,8 @@ def test_lowrank_slicing_is_exact(paper_parity):
     assert_close(dec.full(e, 5, 7), big[:, :5, :7], reduction=n)
 
     # A decoder with a larger K agrees wherever the smaller one is defined
-    # (default mode): only the columns that are used matter.
-    if not paper_parity:
+    # (transposed factors): only the columns that are used matter.
+    if factors == "transpose":
         wide = LowRankDecoder(cfg.replace(max_dim=4096), rngs=nnx.Rngs(0))
         nnx.update(wide.mlp, nnx.state(dec.mlp))
         wide.w2[...] = wide.w2[...].at[:, :64].set(dec.w2[...])
@@ -212,11 +212,13 @@ def test_lowrank_does_not_tile():
     assert float(jnp.abs(w[:, :2048] - w[:, 2048:]).mean()) > 0.1 * float(jnp.abs(w).mean())
 
 
-def test_paper_parity_matches_hand_computation():
+def test_factors_match_hand_computation():
     cfg = SMALL.replace(rank=2, max_dim=6)
     e = embeddings(3, 16)
     for parity in (False, True):
-        dec = LowRankDecoder(cfg.replace(paper_parity=parity), rngs=nnx.Rngs(1))
+        dec = LowRankDecoder(
+            cfg.replace(factors="view" if parity else "transpose"), rngs=nnx.Rngs(1)
+        )
         dec.b2[...] = embeddings(1, 6, seed=5)[0]
         m = np.asarray(dec.hidden(e))
         assert m.shape == (3, 4, 2)
@@ -246,22 +248,22 @@ def test_paper_parity_matches_hand_computation():
         assert_close(dec.full(e, rows, cols), a_ref @ b_ref, reduction=n + cfg.rank)
 
 
-def test_paper_parity_defect_with_large_k():
+def test_view_reads_one_row_of_m_per_factor_with_large_k():
     # With K >> r, the first K/r rows of A are consecutive chunks of Z row 0,
     # and B comes from Z row r: two of the 2r rows of M decide the weight.
     k, r = 4096, 4
     cfg = SMALL.replace(max_dim=k)
     e = embeddings(2, 16)
     rows = k // r
-    parity = LowRankDecoder(cfg.replace(paper_parity=True), rngs=nnx.Rngs(0))
+    parity = LowRankDecoder(cfg.replace(factors="view"), rngs=nnx.Rngs(0))
     a, b = parity.factors(e, rows, rows)
     z0 = parity.z_rows(e, 0, 1, k)[:, 0]
     zr = parity.z_rows(e, r, r + 1, k)[:, 0]
-    # Z rows from GEMMs of other shapes: one contraction over r (no centering in parity).
+    # Z rows from GEMMs of other shapes: one contraction over r (no centering in the view).
     assert_close(a.reshape(2, -1), z0, reduction=r)
     assert_close(b.transpose(0, 2, 1).reshape(2, -1), zr, reduction=r)
-    # The intended transpose uses all r rows of Z[:r] for every row of A.
-    default = LowRankDecoder(cfg, rngs=nnx.Rngs(0))
+    # The transpose uses all r rows of Z[:r] for every row of A.
+    default = LowRankDecoder(cfg.replace(factors="transpose"), rngs=nnx.Rngs(0))
     a, _ = default.factors(e, rows, rows)
     # Centering (mean over r rows) and Z's contraction over r.
     assert_close(a.transpose(0, 2, 1), default.z_rows(e, 0, r, rows), reduction=2 * r)
@@ -276,7 +278,8 @@ def test_past_max_dim_error_and_wrap():
         dec.full(e, 8, 100)
     for parity in (False, True):
         wrap = LowRankDecoder(
-            SMALL.replace(past_max_dim="wrap", paper_parity=parity), rngs=nnx.Rngs(0)
+            SMALL.replace(past_max_dim="wrap", factors="view" if parity else "transpose"),
+            rngs=nnx.Rngs(0),
         )
         w = wrap.full(e, 100, 130)
         assert w.shape == (2, 100, 130)
@@ -348,7 +351,8 @@ def test_centered_factors_avoid_rank_one_collapse():
     e = embeddings(8, 16)
 
     def top_share(center):
-        dec = LowRankDecoder(SMALL.replace(center_factors=center, rank=32), rngs=nnx.Rngs(0))
+        cfg = SMALL.replace(factors="transpose", center_factors=center, rank=32)
+        dec = LowRankDecoder(cfg, rngs=nnx.Rngs(0))
         s = np.linalg.svd(np.asarray(dec.full(e, 64, 64)), compute_uv=False)
         return float(np.mean(s[:, 0] ** 2 / np.sum(s**2, axis=1)))
 

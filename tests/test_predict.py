@@ -1,5 +1,6 @@
 """Parameter prediction: tree equality, statistics per role, rank, sharding, gradients, errors."""
 
+import functools
 import math
 
 import chex
@@ -15,14 +16,23 @@ from tolerances import assert_close, assert_trees_close, predict_reduction
 
 import ghn
 from ghn import zoo
-from ghn.graph import ExampleInputError
+from ghn.graph import ExampleInputError, ParamInfo
 from ghn.hypernet import make_plan, residual_projections
 from ghn.hypernet import predict as predict_lib
+from ghn.hypernet.normalize import EPS
 
 
 @pytest.fixture(scope="module")
 def hyper():
     return ghn.GHN(rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def hypers(hyper):
+    """A GHN per factor form: the default (the view) and LoGAH's transposed factors (the
+    form of GHNs recorded before the view became the default)."""
+    transpose = ghn.GHN(ghn.GHNConfig.named("tiny", factors="transpose"), rngs=nnx.Rngs(0))
+    return {"view": hyper, "transpose": transpose}
 
 
 def small_specs():
@@ -203,7 +213,7 @@ def test_plan_groups_by_shape():
 
 
 @pytest.mark.parametrize(
-    "overrides", [dict(decoder="tiled"), dict(paper_parity=True)], ids=["tiled", "paper_parity"]
+    "overrides", [dict(decoder="tiled"), dict(factors="transpose")], ids=["tiled", "transpose"]
 )
 def test_decoder_variants_predict(overrides):
     hyper = ghn.GHN(ghn.GHNConfig.named("tiny", max_dim=512, **overrides), rngs=nnx.Rngs(0))
@@ -220,7 +230,8 @@ def test_decoder_variants_predict(overrides):
         np.testing.assert_array_equal(emb[:64], emb[64:128])
     else:
         assert numerical_rank(emb) <= hyper.config.rank
-    # These decoders take the per-layout programs (no basis): pinned like the default one.
+    # The tiled decoder takes the per-layout programs, the transpose its cores and write
+    # programs: each pinned to the one program like the default one.
     n = predict_reduction(hyper, model, spec.input_spec())
     assert_trees_close(params, _one_program(hyper, model, spec.input_spec()), reduction=n)
 
@@ -234,10 +245,13 @@ def _one_program(hyper, model, x):
     return jax.tree_util.tree_unflatten(prepared.treedef, fn(state, prepared.batch))
 
 
+@pytest.mark.parametrize("factors", ["view", "transpose"])
 @pytest.mark.parametrize("name", ["cnn", "mixer", "gpt2", "vit"])
-def test_staged_prediction_equals_the_one_program(hyper, name):
+def test_staged_prediction_equals_the_one_program(hypers, name, factors):
     """Conv layouts, dense kernels in both orders, embeddings, 1-D parameters (finished on
-    the host) and matrices (cores 8 to a call, padded) all land on their own leaves."""
+    the host) and matrices (decoded 8 to a call, padded) all land on their own leaves,
+    with either factor form."""
+    hyper = hypers[factors]
     if name in ("gpt2", "vit"):
         spec = {
             "gpt2": zoo.GPT2Spec(depth=7, width=32, num_heads=4, vocab_size=64, context_length=16),
@@ -248,11 +262,12 @@ def test_staged_prediction_equals_the_one_program(hyper, name):
         model, x = custom_models()[name]
     staged = hyper.predict(model, x)
     # Two sets of programs (backend optimizations off and on, other fusion and summation
-    # order at every stage, and the staged form's W = (P^T C) P for the one program's
-    # (Z_A^T)(Z_B)): round-off along the whole prediction, i.e. the encoder's layers, the
-    # decoder MLP, the last layer, the normalization's sums over the matrix and the
-    # contractions that form W (tolerances.ghn_reduction), against each
-    # parameter's max |value|.
+    # order at every stage; the transpose's staged W = (P^T C) P for the one program's
+    # (Z_A^T)(Z_B), the view's Z = [ReLU(M), 1] P over r + 1 for ReLU(M) W2 + b2 over r):
+    # round-off along the whole prediction, i.e. the encoder's layers, the decoder MLP,
+    # the last layer, the normalization's sums over the matrix and the contractions that
+    # form W (tolerances.ghn_reduction counts the longer, the transpose's staged form),
+    # against each parameter's max |value|.
     assert_trees_close(
         staged, _one_program(hyper, model, x), reduction=predict_reduction(hyper, model, x)
     )
@@ -271,9 +286,11 @@ def counting_compiles(mp) -> list[int]:
     return compiled
 
 
-def test_programs_follow_layouts_not_depth(hyper):
+@pytest.mark.parametrize("factors", ["view", "transpose"])
+def test_programs_follow_layouts_not_depth(hypers, factors):
     """A deeper model of the same width compiles no new decoding program: matrices are
     decoded 8 to a call whatever their layout, then written by one program per layout."""
+    hyper = hypers[factors]
     with pytest.MonkeyPatch.context() as mp:
         compiled = counting_compiles(mp)
         jax.block_until_ready(hyper.predict(*gpt_of(16)))
@@ -286,22 +303,25 @@ def test_programs_follow_layouts_not_depth(hyper):
         assert compiled[2] == 0
     model, x = gpt_of(32)
     plan = predict_lib.prepare(model, (x,), hyper.config).plan
-    keys = predict_lib.write_keys(plan)
+    keys = predict_lib.write_keys(plan, hyper.config)
     assert all((key, None) in predict_lib.LEAF_PROGRAMS for key in keys)
     # 32 blocks of 4 kernels plus the two embeddings; the tied head is the token embedding.
     assert len(keys) == 6 and sum(len(g.leaves) for g in plan.groups if g.kind == "matrix") == 130
 
 
-def test_a_new_width_compiles_only_its_write_programs(hyper):
-    """The second width of a family in a process compiles one small GEMM program per matrix
+@pytest.mark.parametrize("factors", ["view", "transpose"])
+def test_a_new_width_compiles_only_its_write_programs(hypers, factors):
+    """The second width of a family in a process compiles one small write program per matrix
     layout it has not met, and nothing else: no encoder (same graph), no decoding program
     (those serve every width), nothing for its 1-D parameters (finished on the host)."""
+    hyper = hypers[factors]
     first, second = gpt_of(3, width=40), gpt_of(3, width=56)
     with pytest.MonkeyPatch.context() as mp:
         compiled = counting_compiles(mp)
         jax.block_until_ready(hyper.predict(*first))
         model, x = second
-        keys = predict_lib.write_keys(predict_lib.prepare(model, (x,), hyper.config).plan)
+        plan = predict_lib.prepare(model, (x,), hyper.config).plan
+        keys = predict_lib.write_keys(plan, hyper.config)
         new = {k for k in keys if (k, None) not in predict_lib.LEAF_PROGRAMS}
         # The embeddings and the four block kernels: each width its own GEMM shapes.
         assert len(new) == 6, new
@@ -314,9 +334,10 @@ def test_a_new_width_compiles_only_its_write_programs(hyper):
 def test_the_basis_gives_the_decoder_at_every_width(rows, cols):
     """W = P[:, :rows]^T C P[:, :cols] with P = [W2; b2] and C from the decoder run with an
     identity last layer (`basis_cores`): the decoder is linear in its last layer, column by
-    column, also past K (70, 100 > K = 48 wrap around)."""
+    column, also past K (70, 100 > K = 48 wrap around). The transposed factors' basis."""
     config = ghn.GHNConfig(d_model=16, num_layers=1, num_heads=2, rank=4, max_dim=48)
-    decoder = ghn.GHN(config.replace(past_max_dim="wrap"), rngs=nnx.Rngs(0)).decoder
+    config = config.replace(factors="transpose", past_max_dim="wrap")
+    decoder = ghn.GHN(config, rngs=nnx.Rngs(0)).decoder
     decoder.b2[...] = jax.random.normal(jax.random.key(1), decoder.b2.shape)
     e_GxD = jax.random.normal(jax.random.key(2), (3, 16))
     graphdef, state = nnx.split(decoder)
@@ -329,3 +350,62 @@ def test_the_basis_gives_the_decoder_at_every_width(rows, cols):
     # Round-off of the contractions after the shared MLP: Z = ReLU(M) W2 + b2 and A @ B
     # (r + 1 and r terms) against C = A_I B_I, P^T C and (P^T C) P (r, r + 1, r + 1).
     assert_close(got, want, reduction=5 * (config.rank + 1))
+
+
+def _dense_layout(shape: tuple[int, int], stored_io: bool) -> ParamInfo:
+    """A dense kernel's layout: (out, in), or (in, out) as flax stores it."""
+    out_axis, in_axis = (1, 0) if stored_io else (0, 1)
+    return ParamInfo("", shape, "float32", 0, "", out_axes=(out_axis,), in_axes=(in_axis,))
+
+
+@pytest.mark.parametrize("rows, cols", [(5, 7), (13, 31), (70, 100), (1, 30), (30, 1)])
+def test_the_view_is_written_as_the_decoder_reads_it(rows, cols):
+    """`write_view` (the device) and the host's finishing read the view's factors out of
+    Z = [ReLU(M), 1] P (`view_hidden`) as `LowRankDecoder.factors` does: from one row of
+    Z's half (5 * r <= K = 48), from several (13 * r, 31 * r > K) and past K (70, 100 wrap
+    around); matrices rescaled to their std, vectors squashed."""
+    config = ghn.GHNConfig(d_model=16, num_layers=1, num_heads=2, rank=4, max_dim=48)
+    hyper = ghn.GHN(config.replace(past_max_dim="wrap"), rngs=nnx.Rngs(0))
+    decoder = hyper.decoder
+    decoder.b2[...] = jax.random.normal(jax.random.key(1), decoder.b2.shape)
+    e_GxD = jax.random.normal(jax.random.key(2), (3, 16))
+    graphdef, state = nnx.split(decoder)
+    hidden = jax.jit(lambda s, e: predict_lib.view_hidden(nnx.merge(graphdef, s), e, jnp.arange(3)))
+    h_Gx2rxk = [np.asarray(h) for h in hidden(state, e_GxD)]
+    ghn_graphdef, ghn_state = nnx.split(hyper)
+    basis = predict_lib._Basis(
+        hyper, ghn_graphdef, jax.tree.leaves(ghn_state), jax.tree.leaves(state)
+    )
+    w_GxRxC = np.asarray(decoder.full(e_GxD, rows, cols), np.float64)
+    std = 0.02
+    want = w_GxRxC * std / np.sqrt(np.mean(np.square(w_GxRxC), axis=(1, 2)) + EPS)[:, None, None]
+    # Round-off of two float32 decodings after the embeddings: the MLP (d -> 4d -> 8d), Z
+    # (r + 1 terms), the normalization's sums (rows or cols, then r x r) and A @ B (r);
+    # the references in float64 from the decoder's float32 factors.
+    d, r = config.d_model, config.rank
+    n = 13 * d + (r + 1) + max(rows, cols) + r * r + r
+    for stored_io in (False, True):
+        layout = _dense_layout((cols, rows) if stored_io else (rows, cols), stored_io)
+        key = predict_lib.ViewWriteKey(layout, "float32", r, config.max_dim)
+        write = jax.jit(functools.partial(predict_lib.write_view, key))
+        p = basis.device(key.columns, transposed=False)
+        member = predict_lib._Member(0, layout, "float32", scale=std)
+        for g in range(3):
+            w = want[g].T if stored_io else want[g]
+            assert_close(write(h_Gx2rxk[g], p, np.float32(std)), w, reduction=n)
+            assert_close(predict_lib._finish_on_host(member, h_Gx2rxk[g], basis), w, reduction=n)
+    # A vector of size `cols` is row 0 or 1 of the decoded 2 x cols matrix, squashed: as
+    # tanh' <= 1, its error is at most the amplitude times the raw row's round-off (the MLP,
+    # Z and the row of A @ B), of terms the size of the decoded entries. A node's two
+    # vectors share their factors (one memo over float64 H, as in `predict_staged`).
+    w_Gx2xC = np.asarray(decoder.full(e_GxD, 2, cols), np.float64)
+    vector = ParamInfo("", (cols,), "float32", 0, "", out_axes=(0,))
+    h_Gx2rxk = [h.astype(np.float64) for h in h_Gx2rxk]
+    memo = {}
+    for g in range(3):
+        for vrow in (0, 1):
+            member = predict_lib._Member(0, vector, "float32", 0.25, 1.0, vrow)
+            got = predict_lib._finish_on_host(member, h_Gx2rxk[g], basis, memo)
+            squashed = 1.0 + 0.25 * np.tanh(w_Gx2xC[g, vrow])
+            size = 0.25 * np.max(np.abs(w_Gx2xC[g]))
+            assert_close(got, squashed, reduction=13 * d + (r + 1) + r, scale=size)

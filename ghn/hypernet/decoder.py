@@ -45,30 +45,32 @@ class _MLP(nnx.Module):
 class LowRankDecoder(nnx.Module):
     """LoGAH: W = A @ B with A (rows x r), B (r x cols) decoded from one embedding.
 
-    M = MLP(e) reshaped to (2r, r); Z = ReLU(M) @ W2 + b2 with W2 (r, K) (each
-    half of ReLU(M) centered over its rows when `center_factors`), so
-    Z is (2r, K). By default A = Z[:r, :rows]^T and B = Z[r:, :cols]: every
-    row of A and column of B mixes all 2r rows of M. Only the W2 columns a
-    parameter needs are multiplied, so the cost is O(r^2 (rows + cols)),
-    independent of K.
+    M = MLP(e) reshaped to (2r, r); Z = ReLU(M) @ W2 + b2 with W2 (r, K), so Z
+    is (2r, K). `factors` (GHNConfig) says how Z becomes A and B:
 
-    `paper_parity=True` reproduces the reference code, which reads Z through
-    a row-major `view(2K, r)`: A is the first `rows` rows of that view and B
-    the transposed first `cols` rows of its second half. Then row i of A is
-    Z[0, i*r:(i+1)*r] for i < K/r, so any parameter up to K/r wide depends on
-    only Z rows 0 and r, i.e. 2 of the 2r rows of M. That path needs all K
-    columns of the Z rows it touches.
+    - "view" (default; the reference code's row-major `view(2K, r)`): A is the
+      first `rows` rows of Z[:r] read as a (K, r) matrix, B the transposed first
+      `cols` rows of Z[r:] read the same way. Row i of A is Z[i*r // K] at
+      columns (i*r mod K) .. + r: each row of a weight has its own r columns of
+      W2, and a weight up to K/r wide reads one row of ReLU(M) per factor. Only
+      the flat range of Z a parameter reads is computed.
+    - "transpose" (LoGAH's equations): A = Z[:r, :rows]^T, B = Z[r:, :cols]
+      (each half of ReLU(M) centered over its rows when `center_factors`).
+      Every row of A and column of B mixes all 2r rows of M, but every matrix
+      of one shape lies in the same row and column spans of W2.
 
-    Dimensions above K raise a ValueError (`past_max_dim="error"`) or reuse
-    decoder column j mod K for column j (`"wrap"`, i.e. tiling with period K;
-    in paper-parity mode, row j of the view reuses row j mod K).
+    Only the W2 columns a parameter needs are multiplied, so the cost is
+    O(r^2 (rows + cols)), independent of K. Dimensions above K raise a
+    ValueError (`past_max_dim="error"`) or reuse decoder column j mod K for
+    column j (`"wrap"`, i.e. tiling with period K; with the view, row j of the
+    (K, r) reading reuses row j mod K).
     """
 
     def __init__(self, config: GHNConfig, *, rngs: nnx.Rngs):
         d, r, k = config.d_model, config.rank, config.max_dim
         self.rank, self.max_dim = r, k
-        self.paper_parity = config.paper_parity
-        self.center = config.center_factors and not config.paper_parity
+        self.view = config.factors == "view"
+        self.center = config.center_factors and not self.view
         self.past_max_dim = config.past_max_dim
         self.mlp = _MLP(d, 2 * r * r, rngs=rngs)
         # Fan-in init of a Linear(r, K), stored (r, K) so columns slice cheaply.
@@ -110,13 +112,17 @@ class LowRankDecoder(nnx.Module):
         return self._z(self.hidden(e_GxD), start, stop, num_cols)
 
     def _view_rows(self, m_Gx2rxr: jax.Array, start: int, n: int) -> jax.Array:
-        """First n rows of Z[:, start:start+r].reshape(G, K, r), row-major (paper parity)."""
+        """First n rows of Z[:, start:start+r].reshape(G, K, r), row-major (the view)."""
         g, r, k = m_Gx2rxr.shape[0], self.rank, self.max_dim
         n_view = min(n, k)
-        # Rows i < n_view of the view read the flat range [0, n_view * r).
-        z_rows = math.ceil(n_view * r / k)
-        z_Gxsxk = self._z(m_Gx2rxr, start, start + z_rows, k)
-        v_Gxnxr = z_Gxsxk.reshape(g, z_rows * k)[:, : n_view * r].reshape(g, n_view, r)
+        # Rows i < n_view of the view read the flat range [0, n_view * r) of the half.
+        flat = n_view * r
+        if flat <= k:
+            z_Gxf = self._z(m_Gx2rxr, start, start + 1, flat)[:, 0]
+        else:
+            z_rows = math.ceil(flat / k)
+            z_Gxf = self._z(m_Gx2rxr, start, start + z_rows, k).reshape(g, z_rows * k)[:, :flat]
+        v_Gxnxr = z_Gxf.reshape(g, n_view, r)
         if n > k:
             v_Gxnxr = jnp.take(v_Gxnxr, np.arange(n) % k, axis=1)
         return v_Gxnxr
@@ -127,7 +133,7 @@ class LowRankDecoder(nnx.Module):
         self._check(cols, "cols")
         r = self.rank
         m_Gx2rxr = self.hidden(e_GxD)
-        if self.paper_parity:
+        if self.view:
             a_GxOxr = self._view_rows(m_Gx2rxr, 0, rows)
             b_GxrxI = self._view_rows(m_Gx2rxr, r, cols).transpose(0, 2, 1)
         else:

@@ -10,12 +10,15 @@ parameters plus the GHN plus factors of size O(r * (rows + cols)).
 Two forms of the same arithmetic, both writing through `write_factors`:
 `predict_leaves`, one pure function of the whole model (what meta-training jits
 and differentiates), and `predict_staged`, what `GHN.predict` runs. The latter
-uses that the low-rank decoder is linear in its last layer P = [W2; b2]: every
-parameter is W = P[:, :rows]^T C P[:, :cols] with an (r+1) x (r+1) core C that
-does not depend on the width (`basis_cores`). So its decoding programs serve
-every architecture and a new width compiles only one GEMM per matrix layout
-(`write_basis`); vectors and one-row matrices are finished on the host (tested
-equal to the first form).
+uses that the low-rank decoder is linear in its last layer P = [W2; b2]: what
+multiplies P does not depend on the width, so its decoding programs serve every
+architecture and a new width compiles only one small program per matrix layout
+(`uses_basis`). With the transposed factors every parameter is
+W = P[:, :rows]^T C P[:, :cols] with an (r+1) x (r+1) core C (`basis_cores`,
+`write_basis`); with the view (the default) Z = H P for H = [ReLU(M), 1] of the
+parameter's node (`view_hidden`), and each layout's program reads A and B^T out
+of Z's rows (`write_view`). Vectors and one-row matrices are finished on the
+host (tested equal to the first form).
 """
 
 from __future__ import annotations
@@ -100,7 +103,9 @@ def make_plan(graph: Graph) -> Plan:
 
 def _rescale(scale_G, sq_G, size):
     """The factor giving a decoded matrix of squared norm `sq_G` and `size` entries the
-    normalization table's std `scale_G`."""
+    normalization table's std `scale_G` (in float64 NumPy for what the host finishes)."""
+    if isinstance(sq_G, np.ndarray | np.floating):
+        return scale_G / np.sqrt(sq_G / size + EPS)
     return scale_G * jax.lax.rsqrt(sq_G / size + EPS)
 
 
@@ -229,22 +234,26 @@ def predict_leaves(ghn, batch: GraphBatch, plan: Plan, graph_index: int = 0) -> 
 
 
 def uses_basis(config) -> bool:
-    """Whether `GHN(config)`'s decoder is linear in its last layer column by column, so
-    `basis_cores` decodes every width (the default low-rank decoder; not paper parity,
-    whose row-major view mixes columns, nor the tiled baseline)."""
-    return config.decoder == "lowrank" and not config.paper_parity and config.max_dim > config.rank
+    """Whether `predict_staged` decodes `GHN(config)` with width-agnostic programs: the
+    low-rank decoder is linear in its last layer P = [W2; b2], so what multiplies P (the
+    transpose's core C, the view's H = [ReLU(M), 1]) is decoded for every width and each
+    matrix layout only applies P. The transpose's cores decode through `factors` at
+    (r+1, r+1), which must fit in K. Not the tiled baseline."""
+    if config.decoder != "lowrank":
+        return False
+    return config.factors == "view" or config.max_dim > config.rank
 
 
 def basis_cores(decoder, e_GxD, scale_G=None, size_G=None, grams_Gx2xkxk=None) -> jax.Array:
     """C_Gxkxk (k = r + 1) with W = P[:, :rows]^T C P[:, :cols] at every width, P = [W2; b2].
 
-    The low-rank decoder is linear in its last layer, column by column: its factors for
-    (rows, cols) are A = P[:, :rows]^T A_I and B = B_I P[:, :cols], (A_I, B_I) being its
-    factors when P is the identity; so C = A_I B_I holds all but the width. Given
-    `scale_G`, C is rescaled as `_decode` rescales A, with A^T A = A_I^T G_rows A_I and
-    B B^T = B_I G_cols B_I^T from the Gram matrices G_n = P[:, :n] P[:, :n]^T
-    (`grams_Gx2xkxk`). `decoder` must be the calling program's own merged copy: its last
-    layer is replaced. Needs `uses_basis`.
+    The low-rank decoder's transposed factors are linear in its last layer, column by
+    column: its factors for (rows, cols) are A = P[:, :rows]^T A_I and B = B_I P[:, :cols],
+    (A_I, B_I) being its factors when P is the identity; so C = A_I B_I holds all but the
+    width. Given `scale_G`, C is rescaled as `_decode` rescales A, with
+    A^T A = A_I^T G_rows A_I and B B^T = B_I G_cols B_I^T from the Gram matrices
+    G_n = P[:, :n] P[:, :n]^T (`grams_Gx2xkxk`). `decoder` must be the calling program's
+    own merged copy: its last layer is replaced. Needs `uses_basis` and the transpose.
     """
     r = decoder.rank
     dtype = decoder.w2.get_value().dtype
@@ -279,11 +288,45 @@ def vector_rows(decoder, nodes_NxD, ints_Gx2) -> jax.Array:
     return jnp.einsum("kg,gkl->gl", p_kx2[:, ints_Gx2[:, 1]], c_Gxkxk)
 
 
+def view_hidden(decoder, nodes_NxD, nodes_G) -> tuple:
+    """H_2rxk = [ReLU(M), 1] (k = r + 1) of each of G nodes: the view's Z = H P with
+    P = [W2; b2], whatever the width (the view never centers ReLU(M))."""
+    e_GxD = jnp.take(nodes_NxD, nodes_G, axis=0)
+    h_Gx2rxr = jax.nn.relu(decoder.hidden(e_GxD))
+    ones_Gx2rx1 = jnp.ones((*h_Gx2rxr.shape[:2], 1), h_Gx2rxr.dtype)
+    h_Gx2rxk = jnp.concatenate([h_Gx2rxr, ones_Gx2rx1], axis=2)
+    return tuple(h_Gx2rxk[i] for i in range(h_Gx2rxk.shape[0]))
+
+
+def _view_span(n: int, rank: int, max_dim: int) -> tuple[int, int]:
+    """(rows of Z's half, columns of P) behind the view's first n rows: they read the flat
+    range [0, min(n, K) * r) of the half, row-major over K columns."""
+    flat = min(n, max_dim) * rank
+    return -(-flat // max_dim), min(flat, max_dim)
+
+
+def _view_read(z_zxn, n: int, rank: int, max_dim: int):
+    """The view's first n rows (n x r) from the rows of Z's half they span (`_view_span`),
+    as `LowRankDecoder._view_rows` reads them; NumPy or JAX arrays."""
+    n_view = min(n, max_dim)
+    v_nxr = z_zxn.reshape(-1)[: n_view * rank].reshape(n_view, rank)
+    return v_nxr if n <= max_dim else v_nxr[np.arange(n) % max_dim]
+
+
+def _view_rescaled(a_Oxr, bt_Ixr, scale, size: int):
+    """A rescaled as `_decode` rescales it, from A and B^T (B B^T = (B^T)^T B^T); NumPy
+    (with einsum's own loops, see `_host_view`) or JAX arrays."""
+    einsum = np.einsum if isinstance(a_Oxr, np.ndarray) else jnp.einsum
+    ata = einsum("Rr,Rs->rs", a_Oxr, a_Oxr)
+    bbt = einsum("Cr,Cs->rs", bt_Ixr, bt_Ixr)
+    return a_Oxr * _rescale(scale, (ata * bbt).sum(), size)
+
+
 @dataclasses.dataclass(frozen=True)
 class WriteKey:
-    """What a matrix's write program depends on: its layout (a `ParamInfo` with path, node
-    and role blanked) and dtype. The one compiled program per layout that a new width
-    needs: a GEMM and the layout, with no decoder in it."""
+    """What a matrix's write program depends on with the transposed factors: its layout (a
+    `ParamInfo` with path, node and role blanked) and dtype. The one compiled program per
+    layout that a new width needs: a GEMM and the layout, with no decoder in it."""
 
     layout: ParamInfo
     dtype: str
@@ -296,33 +339,104 @@ class WriteKey:
         return (cols, rows) if _dense(self.layout) == "io" else (rows, cols)
 
 
-def write_basis(key: WriteKey, pt_Fxk, c_kxk, p_kxS) -> jax.Array:
+@dataclasses.dataclass(frozen=True)
+class ViewWriteKey:
+    """`WriteKey` of the view (never equal to one): also the rank and K, which fix the
+    rows and columns of Z that its factors read."""
+
+    layout: ParamInfo
+    dtype: str
+    rank: int
+    max_dim: int
+
+    @property
+    def columns(self) -> int:
+        """How many columns of P the program reads: the wider of its two factors' spans."""
+        rows, cols = _matrix_dims(self.layout)
+        return max(_view_span(n, self.rank, self.max_dim)[1] for n in (rows, cols))
+
+
+def write_basis(key: WriteKey, c_kxk, pt_Fxk, p_kxS) -> jax.Array:
     """A matrix in its layout from its core (`matrix_cores`) and the columns of P it spans:
     P[:, :first]^T and P[:, :second] (`WriteKey.dims`)."""
     return write_factors(key.layout, pt_Fxk @ c_kxk, p_kxS, key.dtype)
 
 
-def _finish_on_host(member: _Member, out: np.ndarray, basis: _Basis) -> np.ndarray:
-    """A parameter from its decoded row (a vector: u_k) or core (a matrix: C_kxk), on the host.
+def write_view(key: ViewWriteKey, h_2rxk, p_kxn, scale) -> jax.Array:
+    """A matrix in its layout from its node's H (`view_hidden`), P[:, :n]
+    (`ViewWriteKey.columns`) and its target std: the view's factors read out of Z = H P."""
+    r, k_max = key.rank, key.max_dim
+    rows, cols = _matrix_dims(key.layout)
+    za, zb = _view_span(rows, r, k_max)[0], _view_span(cols, r, k_max)[0]
+    # Both factors' rows of Z in one GEMM: a single row alone would be a matrix-vector
+    # product, which XLA:CPU compiles as its own code (see `_on_host`).
+    z_zxn = jnp.concatenate([h_2rxk[:za], h_2rxk[r : r + zb]]) @ p_kxn
+    a_Oxr, bt_Ixr = _view_read(z_zxn[:za], rows, r, k_max), _view_read(z_zxn[za:], cols, r, k_max)
+    a_Oxr = _view_rescaled(a_Oxr, bt_Ixr, scale, rows * cols)
+    return write_factors(key.layout, *_gemm_operands(key.layout, a_Oxr, bt_Ixr.T), key.dtype)
+
+
+def _host_transpose(member: _Member, out: np.ndarray, basis: _Basis, memo: dict) -> np.ndarray:
+    """A vector's raw values from its row u_k, or a matrix from its rescaled core C_kxk."""
+    if member.vrow is not None:
+        return out @ basis.columns(member.info.size)
+    # Matrix-vector products only (one side is a single row or column): BLAS runs them
+    # on one thread (see `_Basis.gram`).
+    rows, cols = _matrix_dims(member.info)
+    left, right = basis.columns(rows).T, basis.columns(cols)
+    if rows == 1:
+        return ((left[0] @ out) @ right)[None, :]
+    return (left @ (out @ right[:, 0]))[:, None]
+
+
+def _host_view(member: _Member, h_2rxk: np.ndarray, basis: _Basis, memo: dict) -> np.ndarray:
+    """A vector's raw values (row `vrow` of its decoded 2 x size matrix), or a rescaled
+    matrix, from its node's H: the view's factors read out of Z = H P as `write_view`
+    does. `memo` keeps each factor for the node's other parameters (a norm's scale and
+    bias share their B).
+
+    Products in einsum's own loops, not BLAS: OpenBLAS threads even a matrix-vector
+    product of this size, and on a busy 2-core machine one H row times P[:, :24576] took
+    8 ms against 0.2 ms here (see `_Basis.gram`).
+    """
+    r, k_max = basis.config.rank, basis.config.max_dim
+    vector = member.vrow is not None
+    rows, cols = (2, member.info.size) if vector else _matrix_dims(member.info)
+    factors = []
+    for start, n in ((0, rows), (r, cols)):
+        key = (id(h_2rxk), start, n)
+        if key not in memo:
+            # Row j of Z's half holds the flat range [j K, (j + 1) K): only what is read.
+            flat = min(n, k_max) * r
+            z_f = [
+                np.einsum("k,kn->n", h_2rxk[start + j], basis.columns(min(k_max, flat - j * k_max)))
+                for j in range(_view_span(n, r, k_max)[0])
+            ]
+            # With H itself: its id is not reused while the memo lives.
+            memo[key] = h_2rxk, _view_read(np.concatenate(z_f), n, r, k_max)
+        factors.append(memo[key][1])
+    a_Oxr, bt_Ixr = factors
+    if vector:
+        return np.einsum("Cr,r->C", bt_Ixr, a_Oxr[member.vrow])
+    a_Oxr = _view_rescaled(a_Oxr, bt_Ixr, member.scale, rows * cols)
+    return np.einsum("Rr,Cr->RC", a_Oxr, bt_Ixr)
+
+
+def _finish_on_host(member: _Member, out: np.ndarray, basis: _Basis, memo=None) -> np.ndarray:
+    """A parameter from its decoded output (the transpose: a vector's row u_k or a matrix's
+    core C_kxk; the view: its node's H_2rxk), on the host.
 
     For vectors (< 0.1% of a model's bytes, in many sizes) and matrices of one row or
     column (`_on_host`): the host makes any size without compiling a program for it
-    (float64, then the parameter's dtype).
+    (float64, then the parameter's dtype). `memo`: what the parameters of one call to
+    `predict_staged` share (shared only when `out` is already float64).
     """
-    info = member.info
-    out = out.astype(np.float64)
-    if out.ndim == 1:
-        value = member.center + member.scale * np.tanh(out @ basis.columns(info.size))
-    else:
-        # Matrix-vector products only (one side is a single row or column): BLAS runs
-        # them on one thread (see `_Basis.gram`).
-        rows, cols = _matrix_dims(info)
-        left, right = basis.columns(rows).T, basis.columns(cols)
-        if rows == 1:
-            value = ((left[0] @ out) @ right)[None, :]
-        else:
-            value = (left @ (out @ right[:, 0]))[:, None]
-    return _to_layout(info, value, jnp.dtype(member.dtype))
+    finish = _host_view if basis.view else _host_transpose
+    memo = {} if memo is None else memo
+    value = finish(member, out.astype(np.float64, copy=False), basis, memo)
+    if member.vrow is not None:
+        value = member.center + member.scale * np.tanh(value)
+    return _to_layout(member.info, value, jnp.dtype(member.dtype))
 
 
 class _HashedKey:
@@ -344,15 +458,21 @@ class _HashedKey:
 class _Basis:
     """What predicting with one GHN state repeats, recognized by the identity of its
     arrays (`_basis`): its programs' keys, and the decoder's last layer P = [W2; b2] on
-    the host with, per width n, P[:, :n] on the device (as rows or columns) and its Gram
-    matrix."""
+    the host with, per width n, P[:, :n] on the device (as rows or columns) and, for the
+    transpose, its Gram matrix."""
 
     def __init__(self, ghn, graphdef, leaves: list, decoder_leaves: list):
         self.refs = [weakref.ref(x) for x in leaves]
+        self.config = ghn.config
+        self.view = ghn.config.factors == "view"
         self.encoder_key = _HashedKey((graphdef, _signature(leaves)))
         self.signature = _signature(decoder_leaves)
-        # What `matrix_cores` returns: its float32 node embeddings through this decoder.
-        self.core_dtype = jnp.result_type(jnp.float32, *(x.dtype for x in decoder_leaves))
+        # What the decoding programs return: their float32 node embeddings through this
+        # decoder; per parameter a core C (transpose) or its node's H (view).
+        dtype = jnp.result_type(jnp.float32, *(x.dtype for x in decoder_leaves))
+        k = ghn.config.rank + 1
+        shape = (2 * ghn.config.rank, k) if self.view else (k, k)
+        self.decoded = jax.ShapeDtypeStruct(shape, dtype)
         self.p_kxK = None
         if uses_basis(ghn.config):
             w2, b2 = ghn.decoder.w2.get_value(), ghn.decoder.b2.get_value()
@@ -406,7 +526,7 @@ def _basis(ghn, graphdef, leaves: list, decoder_state) -> _Basis:
 
 # Parameters per program call. Matrices go to the width-agnostic cores program 8 at a time
 # (the last call repeats its last matrix: a core is ~r^3 flops, the GEMMs take separate
-# calls), 1-D parameters 16 at a time.
+# calls), 1-D parameters 16 at a time; the view decodes nodes 8 at a time.
 CORE_CHUNK = 8
 VECTOR_CHUNK = 16
 
@@ -420,26 +540,27 @@ def _on_host(rows: int, cols: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class _Member:
-    """One parameter of a call and how it is finished: by its write program (`write`, with
-    P[:, :first]^T and P[:, :second] on the device) or on the host (`write` None)."""
+    """One parameter of a call and how it is finished: by its write program (`write`, called
+    with its decoded output and then `operands`, already on the device) or on the host
+    (`write` None). `vrow` is a vector's decoded row, None for a matrix."""
 
     leaf: int
     info: ParamInfo
     dtype: str
     scale: float = 1.0
     center: float = 0.0
-    write: WriteKey | None = None
-    pt: jax.Array | None = None
-    p: jax.Array | None = None
+    vrow: int | None = None
+    write: WriteKey | ViewWriteKey | None = None
+    operands: tuple = ()
 
 
 @dataclasses.dataclass
 class _BasisRun:
-    """What predicting one architecture with one decoder state repeats, made once: each
-    call's arguments on the device and its real members (host-finished matrices first)."""
+    """What predicting one architecture with one decoder state repeats, made once: the
+    decoding calls in dispatch order, each its program's name, its arguments on the
+    device and its real members with their index in its output (host-finished first)."""
 
-    matrix_calls: list[tuple[tuple[jax.Array, ...], list[_Member]]]
-    vector_calls: list[tuple[jax.Array, list[_Member]]]
+    calls: list[tuple[str, tuple, list[tuple[_Member, int]]]]
 
 
 def _chunks(rows: list, size: int) -> list[tuple[list, list]]:
@@ -451,15 +572,17 @@ def _chunks(rows: list, size: int) -> list[tuple[list, list]]:
     return out
 
 
-def _write_key(plan: Plan, leaf: int) -> WriteKey:
+def _write_key(plan: Plan, leaf: int, config) -> WriteKey | ViewWriteKey:
     layout = dataclasses.replace(plan.infos[leaf], path="", node=0, role="")
+    if config.factors == "view":
+        return ViewWriteKey(layout, plan.dtypes[leaf], config.rank, config.max_dim)
     return WriteKey(layout, plan.dtypes[leaf])
 
 
-def write_keys(plan: Plan) -> set[WriteKey]:
-    """The write programs `plan`'s matrices need (with the default decoder)."""
+def write_keys(plan: Plan, config) -> set[WriteKey | ViewWriteKey]:
+    """The write programs `plan`'s matrices need with `GHN(config)` (`uses_basis`)."""
     return {
-        _write_key(plan, leaf)
+        _write_key(plan, leaf, config)
         for g in plan.groups
         if g.kind == "matrix" and not _on_host(g.rows, g.cols)
         for leaf in g.leaves
@@ -467,44 +590,75 @@ def write_keys(plan: Plan) -> set[WriteKey]:
 
 
 def _basis_run(plan: Plan, basis: _Basis) -> _BasisRun:
+    """The transpose's calls: vectors' rows, then matrices' cores."""
     # Per parameter: (member, its int row, float row, the widths of its Gram matrices).
     matrices, vectors = [], []
     for g in plan.groups:
         for i, leaf in enumerate(g.leaves):
             info, dtype = plan.infos[leaf], plan.dtypes[leaf]
             if g.kind == "vector":
-                member = _Member(leaf, info, dtype, g.scales[i], g.centers[i])
+                member = _Member(leaf, info, dtype, g.scales[i], g.centers[i], g.vector_rows[i])
                 vectors.append((member, (g.nodes[i], g.vector_rows[i])))
                 continue
             member = _Member(leaf, info, dtype)
             io = False
             if not _on_host(g.rows, g.cols):
-                key = _write_key(plan, leaf)
+                key = _write_key(plan, leaf, basis.config)
                 first, second = key.dims
                 pt, p = basis.device(first, True), basis.device(second, False)
-                member = dataclasses.replace(member, write=key, pt=pt, p=p)
+                member = dataclasses.replace(member, write=key, operands=(pt, p))
                 io = _dense(info) == "io"
             floats = (g.scales[i], g.rows * g.cols)
             matrices.append((member, (g.nodes[i], io), floats, (g.rows, g.cols)))
+    calls = []
+    for real, padded in _chunks(vectors, VECTOR_CHUNK):
+        ints = jax.device_put(np.asarray([v[1] for v in padded], np.int32))
+        calls.append(("rows", (ints,), [(v[0], i) for i, v in enumerate(real)]))
     # Host-finished first: their cores are ready while the device writes the others.
     matrices.sort(key=lambda m: m[0].write is not None)
-    matrix_calls = []
     for real, padded in _chunks(matrices, CORE_CHUNK):
         ints = np.asarray([m[1] for m in padded], np.int32)
         floats = np.asarray([m[2] for m in padded], np.float32)
         grams = np.stack([[basis.gram(n) for n in m[3]] for m in padded])
-        matrix_calls.append((tuple(jax.device_put([ints, floats, grams])), [m[0] for m in real]))
-    vector_calls = []
-    for real, padded in _chunks(vectors, VECTOR_CHUNK):
-        ints = jax.device_put(np.asarray([v[1] for v in padded], np.int32))
-        vector_calls.append((ints, [v[0] for v in real]))
-    return _BasisRun(matrix_calls, vector_calls)
+        args = tuple(jax.device_put([ints, floats, grams]))
+        calls.append(("cores", args, [(m[0], i) for i, m in enumerate(real)]))
+    return _BasisRun(calls)
+
+
+def _view_run(plan: Plan, basis: _Basis) -> _BasisRun:
+    """The view's calls: H once per node (a layer's kernel and bias, a norm's scale and
+    bias share it), the nodes that the host finishes from first."""
+    members = []  # (member, its node)
+    for g in plan.groups:
+        for i, leaf in enumerate(g.leaves):
+            info, dtype = plan.infos[leaf], plan.dtypes[leaf]
+            member = _Member(leaf, info, dtype, g.scales[i], g.centers[i])
+            if g.kind == "vector":
+                member = dataclasses.replace(member, vrow=g.vector_rows[i])
+            elif not _on_host(g.rows, g.cols):
+                member = dataclasses.replace(member, write=_write_key(plan, leaf, basis.config))
+            members.append((member, g.nodes[i]))
+    members.sort(key=lambda m: m[0].write is not None)
+    nodes = list(dict.fromkeys(node for _, node in members))
+    slots = {node: slot for slot, node in enumerate(nodes)}
+    stds = list(dict.fromkeys(m.scale for m, _ in members if m.write is not None))
+    stds = dict(zip(stds, jax.device_put([np.float32(s) for s in stds]), strict=True))
+    calls = []
+    for _, padded in _chunks(nodes, CORE_CHUNK):
+        calls.append(("view", (jax.device_put(np.asarray(padded, np.int32)),), []))
+    for member, node in members:
+        if member.write is not None:
+            p = basis.device(member.write.columns, False)
+            member = dataclasses.replace(member, operands=(p, stds[member.scale]))
+        call, index = divmod(slots[node], CORE_CHUNK)
+        calls[call][2].append((member, index))
+    return _BasisRun(calls)
 
 
 @dataclasses.dataclass(frozen=True)
 class LeafKey:
     """What one parameter's prediction program depends on when the decoder has no basis
-    (`uses_basis`: the tiled baseline, paper parity): its decoded (kind, rows, cols), its
+    (`uses_basis`: the tiled baseline): its decoded (kind, rows, cols), its
     layout (a `ParamInfo` with path, node and role blanked), dtype and decoder kind. Every
     parameter of one layout shares one program, so compile time follows the distinct
     layouts, not the depth or the number of parameters."""
@@ -648,9 +802,9 @@ def _decoder_program(fn, decoder_graphdef, key: tuple, shardings=None) -> _Progr
     return LEAF_PROGRAMS.get_or_build((decoder_graphdef, key, shardings), build)
 
 
-def _write_program(key: WriteKey, sharding) -> _Program:
+def _write_program(key: WriteKey | ViewWriteKey, sharding) -> _Program:
     def build():
-        run = functools.partial(write_basis, key)
+        run = functools.partial(write_view if isinstance(key, ViewWriteKey) else write_basis, key)
         options = FAST_COMPILE_OPTIONS
         return _Program(jax.jit(run, out_shardings=sharding, compiler_options=options))
 
@@ -675,13 +829,15 @@ def predict_staged(ghn, prepared: Prepared, shardings=None) -> list[jax.Array]:
     """The parameters of `prepared`'s model (flat-state order), program by program.
 
     Programs are keyed by what repeats, not by the model: the graph's encoding (per
-    graph-size bucket); with the default decoder (`uses_basis`), the decoding of every
-    matrix's core and vector's row (`matrix_cores`, `vector_rows`: two programs for all
-    widths), then per matrix layout a GEMM that writes it (`write_basis`), while vectors
-    are finished on the host. A new width of a family compiles only its write programs;
-    other decoders compile a program per layout (`LeafKey`). The programs a call needs
-    are compiled together, in parallel threads. Differentiable w.r.t. the GHN: under
-    `jax.grad` or `jax.jit`, `predict_leaves` is traced into the caller's program.
+    graph-size bucket); with the low-rank decoder (`uses_basis`), the width-agnostic
+    decoding of what multiplies P (the transpose: every matrix's core and vector's row,
+    `matrix_cores` and `vector_rows`; the view: every node's H, `view_hidden`), then per
+    matrix layout a program that applies P and writes it (`write_basis`, `write_view`),
+    while vectors are finished on the host. A new width of a family compiles only its
+    write programs; the tiled decoder compiles a program per layout (`LeafKey`). The
+    programs a call needs are compiled together, in parallel threads. Differentiable
+    w.r.t. the GHN: under `jax.grad` or `jax.jit`, `predict_leaves` is traced into the
+    caller's program.
     """
     graphdef, state = nnx.split(ghn)
     state_leaves = jax.tree.leaves(state)
@@ -699,23 +855,21 @@ def predict_staged(ghn, prepared: Prepared, shardings=None) -> list[jax.Array]:
         return leaves
     run = basis.runs.get(prepared)
     if run is None:
-        run = basis.runs[prepared] = _basis_run(prepared.plan, basis)
-    cores = _decoder_program(matrix_cores, decoder_graphdef, ("cores", basis.signature, rows))
-    vrows = _decoder_program(vector_rows, decoder_graphdef, ("rows", basis.signature, rows))
-    k = ghn.config.rank + 1
-    core = jax.ShapeDtypeStruct((k, k), basis.core_dtype)
-    examples = {}
-    for _, members in run.matrix_calls:
-        for m in members:
+        make_run = _view_run if basis.view else _basis_run
+        run = basis.runs[prepared] = make_run(prepared.plan, basis)
+    decoders, examples = {}, {}
+    for name, args, members in run.calls:
+        if name not in decoders:
+            fn = _DECODING[name]
+            key = (name, basis.signature, rows)
+            decoders[name] = _decoder_program(fn, decoder_graphdef, key), args
+        for m, _ in members:
             if m.write is not None:
                 sh = None if shardings is None else shardings[m.leaf]
-                examples.setdefault((m.write, sh), (m.pt, core, m.p))
+                examples.setdefault((m.write, sh), (basis.decoded, *m.operands))
     writes = {key: _write_program(*key) for key in examples}
     jobs = [(encode, (state, prepared.batch))]
-    if run.matrix_calls:
-        jobs.append((cores, (decoder_state, nodes, *run.matrix_calls[0][0])))
-    if run.vector_calls:
-        jobs.append((vrows, (decoder_state, nodes, run.vector_calls[0][0])))
+    jobs += [(program, (decoder_state, nodes, *args)) for program, args in decoders.values()]
     # Longest first: a conv's layout transpose compiles ~3x slower than a dense GEMM.
     order = sorted(examples, key=lambda key: _dense(key[0].layout) is not None)
     jobs += [(writes[key], examples[key]) for key in order]
@@ -723,29 +877,32 @@ def predict_staged(ghn, prepared: Prepared, shardings=None) -> list[jax.Array]:
 
     nodes_NxD = encode.fn(state, prepared.batch)
     # What the host finishes is dispatched first, so it is ready while the device writes.
-    # Per host member: (member, its call's output, its row there; None for a core).
+    # Per host member: (member, its call's output, its index there).
     host = []
-    for args, members in run.vector_calls:
-        u_Gxk = vrows.fn(decoder_state, nodes_NxD, args)
-        host += [(m, u_Gxk, i) for i, m in enumerate(members)]
-    for args, members in run.matrix_calls:
-        cs = cores.fn(decoder_state, nodes_NxD, *args)
-        for m, c in zip(members, cs, strict=False):
+    for name, args, members in run.calls:
+        out = decoders[name][0].fn(decoder_state, nodes_NxD, *args)
+        for m, i in members:
             if m.write is None:
-                host.append((m, c, None))
+                host.append((m, out, i))
             else:
                 sh = None if shardings is None else shardings[m.leaf]
-                leaves[m.leaf] = writes[m.write, sh].fn(m.pt, c, m.p)
-    fetched, values = {}, []
+                leaves[m.leaf] = writes[m.write, sh].fn(out[i], *m.operands)
+    fetched, values, memo = {}, [], {}
     for m, out, i in host:
+        if isinstance(out, tuple):  # one array per parameter or node
+            out, i = out[i], None
         if id(out) not in fetched:
-            fetched[id(out)] = np.asarray(out)
+            fetched[id(out)] = np.asarray(out, np.float64)
         x = fetched[id(out)]
-        values.append(_finish_on_host(m, x if i is None else x[i], basis))
+        values.append(_finish_on_host(m, x if i is None else x[i], basis, memo))
     sh = None if shardings is None else [shardings[m.leaf] for m, _, _ in host]
     for (m, _, _), value in zip(host, jax.device_put(values, sh), strict=True):
         leaves[m.leaf] = value
     return leaves
+
+
+# The width-agnostic decoding programs by name (`_BasisRun.calls`).
+_DECODING = {"cores": matrix_cores, "rows": vector_rows, "view": view_hidden}
 
 
 def _predict_calls(ghn, prepared: Prepared, shardings, programs: tuple, leaves: list) -> None:
