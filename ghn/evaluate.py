@@ -388,7 +388,7 @@ def compare(
     baseline_ghns: dict[str, Any] | None = None,
     noise_mixes: Sequence[float] = (),
     baselines: Sequence[str] = (),
-    temper_mode: str = "never",
+    temper_mode: str = "auto",
     progress: bool = False,
 ) -> Result:
     """Fine-tunes `spec` from `hyper`'s prediction and from the family's random init.
@@ -402,11 +402,12 @@ def compare(
     Each name in `baselines` (`ghn.baselines.BASELINES`, e.g. "mimetic") adds
     that closed-form init, built from the same random init with the same seed.
 
-    `temper_mode` "always" tempers every GHN's prediction's output layer first
+    `temper_mode` "auto" (the default) tempers a GHN's prediction's output layer first
+    only when its loss there is above the uniform guess's and leaves the others as
+    predicted; "always" tempers every GHN's prediction's output layer first
     (`ghn.calibrate`: logits scaled by the alpha in [0, 1] that minimizes the loss
     on `TEMPER_BATCHES` training batches), so a confidently wrong prediction
-    starts no worse than the uniform one; "auto" tempers only predictions whose
-    loss there is above the uniform guess's and leaves the others as predicted.
+    starts no worse than the uniform one; "never" leaves every prediction as is.
     """
     spec = setup.fit(spec)
     for name in baselines:
@@ -477,7 +478,7 @@ def run(
     baseline_ghns: dict[str, Any] | None = None,
     noise_mixes: Sequence[float] = (),
     baselines: Sequence[str] = (),
-    temper_mode: str = "never",
+    temper_mode: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """`compare` for every spec, writing what eval.py promises to `workdir`.

@@ -44,19 +44,45 @@ def validation_metrics(model, setup, batches: int) -> dict[str, float]:
 def test_shipped_ghn_predicts_a_heldout_architecture_far_better_than_random(name):
     hyper, info = ghn.load(name, with_info=True)
     assert hyper.config == ghn.GHNConfig.from_json(info["ghn_config"])
-    # Shipped before attention nodes had a shape: trained, and so predicting, without it.
-    assert not hyper.config.attention_shapes
     setup = evaluate.Setup.from_ghn_info(info)
     spec = heldout_spec(info)
     model, _ = evaluate.predict_model(hyper, spec, setup)
     predicted = validation_metrics(model, setup, batches=3)
     random = validation_metrics(spec.build(rngs=nnx.Rngs(0)), setup, batches=3)
     if setup.task.kind == "image":
-        # Whole validation split, measured: accuracy 0.57-0.58, loss 1.22-1.24. The zoo's
-        # ViT has a zero-initialized head: random init sits at ln 10 = 2.303, chance.
-        assert predicted["accuracy"] > 0.35, (predicted, random)
-        assert predicted["loss"] < random["loss"] - 0.7, (predicted, random)
+        # Measured on these 300 digits: accuracy 0.58 and 0.56, loss 1.24 and 1.27 (the two
+        # held-out ViTs; 0.57 / 0.55 on the whole split). The zoo's ViT has a
+        # zero-initialized head: random init sits at ln 10 = 2.303, chance.
+        assert predicted["accuracy"] > 0.45, (predicted, random)
+        assert predicted["loss"] < random["loss"] - 0.85, (predicted, random)
     else:
         # Bytes: random init ~ ln 256 = 5.55 (perplexity ~256); measured ~3.0 (~20).
         assert predicted["perplexity"] < 0.2 * random["perplexity"], (predicted, random)
     assert np.isfinite(predicted["loss"])
+
+
+def test_vit_mnist_decodes_the_vit_presets_at_its_data_shapes():
+    """ViT-Ti/S/B with 28x28x1 digits and 7x7 patches: the widest decoded dimension is
+    ViT-B's patch kernel, 768 x 7 = 5376 rows, within the GHN's K."""
+    hyper, info = ghn.load("vit-mnist", with_info=True)
+    setup = evaluate.Setup.from_ghn_info(info)
+    for name in ("vit-ti", "vit-s", "vit-b"):
+        evaluate.check_fits(hyper, setup.fit(zoo.get(name, patch_size=7)), setup)
+
+
+def test_vit_mnist_starts_no_worse_than_random_on_a_larger_vit():
+    """The training run's "larger" ViT (1.5x deeper and wider than any in training): the
+    prediction as eval.py uses it by default (tempered when worse than the uniform guess
+    on 4 training batches) is no worse than random init at step 0."""
+    hyper, info = ghn.load("vit-mnist", with_info=True)
+    setup = evaluate.Setup.from_ghn_info(info)
+    spec = setup.fit(evaluate.training_pools(info).larger[0])
+    model, _ = evaluate.predict_model(hyper, spec, setup)
+    evaluate.temper_prediction(model, spec, setup, evaluate.Recipe(), "auto")
+    predicted = validation_metrics(model, setup, batches=3)
+    random = validation_metrics(spec.build(rngs=nnx.Rngs(0)), setup, batches=3)
+    # Random init: the zero head's ln 10. Measured: raw prediction 3.77, tempered
+    # (alpha 0.021) 2.3032 against 2.3026. A tempered prediction is at most the uniform
+    # guess on the 4 training batches; at alpha near 0 its loss on other digits differs
+    # from ln 10 by about alpha times the logits' spread, well under 0.01.
+    assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
