@@ -8,8 +8,6 @@ rows=2, cols=C and the caller picks row 0 or 1.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +26,22 @@ def check_width(n: int, max_dim: int, past_max_dim: str, what: str) -> None:
             f"max_dim (GHNConfig(max_dim={n}) or more), or past_max_dim='wrap' to reuse "
             "decoder columns modulo K (tiling)."
         )
+
+
+def view_span(n: int, rank: int, max_dim: int) -> tuple[int, int]:
+    """(rows of Z's half, columns of P) behind the view's first n rows: they read the flat
+    range [0, min(n, K) * r) of the half, row-major over K columns."""
+    flat = min(n, max_dim) * rank
+    return -(-flat // max_dim), min(flat, max_dim)
+
+
+def view_read(z_Lxzxn, n: int, rank: int, max_dim: int):
+    """The view's first n rows (..., n, r) from the rows of Z's half they span
+    (`view_span`), any leading axes; past K row j reuses row j mod K. NumPy or JAX."""
+    lead, n_view = z_Lxzxn.shape[:-2], min(n, max_dim)
+    flat = z_Lxzxn.reshape(*lead, -1)[..., : n_view * rank]
+    v_Lxnxr = flat.reshape(*lead, n_view, rank)
+    return v_Lxnxr if n <= max_dim else v_Lxnxr[..., np.arange(n) % max_dim, :]
 
 
 class _MLP(nnx.Module):
@@ -112,20 +126,11 @@ class LowRankDecoder(nnx.Module):
         return self._z(self.hidden(e_GxD), start, stop, num_cols)
 
     def _view_rows(self, m_Gx2rxr: jax.Array, start: int, n: int) -> jax.Array:
-        """First n rows of Z[:, start:start+r].reshape(G, K, r), row-major (the view)."""
-        g, r, k = m_Gx2rxr.shape[0], self.rank, self.max_dim
-        n_view = min(n, k)
-        # Rows i < n_view of the view read the flat range [0, n_view * r) of the half.
-        flat = n_view * r
-        if flat <= k:
-            z_Gxf = self._z(m_Gx2rxr, start, start + 1, flat)[:, 0]
-        else:
-            z_rows = math.ceil(flat / k)
-            z_Gxf = self._z(m_Gx2rxr, start, start + z_rows, k).reshape(g, z_rows * k)[:, :flat]
-        v_Gxnxr = z_Gxf.reshape(g, n_view, r)
-        if n > k:
-            v_Gxnxr = jnp.take(v_Gxnxr, np.arange(n) % k, axis=1)
-        return v_Gxnxr
+        """First n rows of Z[:, start:start+r].reshape(G, K, r), row-major (the view),
+        computing only the part of Z they read."""
+        z_rows, cols = view_span(n, self.rank, self.max_dim)
+        z_Gxzxc = self._z(m_Gx2rxr, start, start + z_rows, cols)
+        return view_read(z_Gxzxc, n, self.rank, self.max_dim)
 
     def factors(self, e_GxD: jax.Array, rows: int, cols: int) -> tuple[jax.Array, jax.Array]:
         """(A_GxRxr, B_Gxrxc) with W = A @ B of shape (G, rows, cols)."""

@@ -39,7 +39,7 @@ from flax import nnx
 from ghn.cache import LRUCache
 from ghn.graph import Graph, ParamInfo, trace
 from ghn.hypernet.batch import GraphBatch, make_batch
-from ghn.hypernet.decoder import check_width
+from ghn.hypernet.decoder import check_width, view_read, view_span
 from ghn.hypernet.normalize import EPS, RULES, target_stds
 from ghn.sharding import largest_axis_sharding
 
@@ -298,21 +298,6 @@ def view_hidden(decoder, nodes_NxD, nodes_G) -> tuple:
     return tuple(h_Gx2rxk[i] for i in range(h_Gx2rxk.shape[0]))
 
 
-def _view_span(n: int, rank: int, max_dim: int) -> tuple[int, int]:
-    """(rows of Z's half, columns of P) behind the view's first n rows: they read the flat
-    range [0, min(n, K) * r) of the half, row-major over K columns."""
-    flat = min(n, max_dim) * rank
-    return -(-flat // max_dim), min(flat, max_dim)
-
-
-def _view_read(z_zxn, n: int, rank: int, max_dim: int):
-    """The view's first n rows (n x r) from the rows of Z's half they span (`_view_span`),
-    as `LowRankDecoder._view_rows` reads them; NumPy or JAX arrays."""
-    n_view = min(n, max_dim)
-    v_nxr = z_zxn.reshape(-1)[: n_view * rank].reshape(n_view, rank)
-    return v_nxr if n <= max_dim else v_nxr[np.arange(n) % max_dim]
-
-
 def _view_rescaled(a_Oxr, bt_Ixr, scale, size: int):
     """A rescaled as `_decode` rescales it, from A and B^T (B B^T = (B^T)^T B^T); NumPy
     (with einsum's own loops, see `_host_view`) or JAX arrays."""
@@ -353,7 +338,7 @@ class ViewWriteKey:
     def columns(self) -> int:
         """How many columns of P the program reads: the wider of its two factors' spans."""
         rows, cols = _matrix_dims(self.layout)
-        return max(_view_span(n, self.rank, self.max_dim)[1] for n in (rows, cols))
+        return max(view_span(n, self.rank, self.max_dim)[1] for n in (rows, cols))
 
 
 def write_basis(key: WriteKey, c_kxk, pt_Fxk, p_kxS) -> jax.Array:
@@ -367,11 +352,11 @@ def write_view(key: ViewWriteKey, h_2rxk, p_kxn, scale) -> jax.Array:
     (`ViewWriteKey.columns`) and its target std: the view's factors read out of Z = H P."""
     r, k_max = key.rank, key.max_dim
     rows, cols = _matrix_dims(key.layout)
-    za, zb = _view_span(rows, r, k_max)[0], _view_span(cols, r, k_max)[0]
+    za, zb = view_span(rows, r, k_max)[0], view_span(cols, r, k_max)[0]
     # Both factors' rows of Z in one GEMM: a single row alone would be a matrix-vector
     # product, which XLA:CPU compiles as its own code (see `_on_host`).
     z_zxn = jnp.concatenate([h_2rxk[:za], h_2rxk[r : r + zb]]) @ p_kxn
-    a_Oxr, bt_Ixr = _view_read(z_zxn[:za], rows, r, k_max), _view_read(z_zxn[za:], cols, r, k_max)
+    a_Oxr, bt_Ixr = view_read(z_zxn[:za], rows, r, k_max), view_read(z_zxn[za:], cols, r, k_max)
     a_Oxr = _view_rescaled(a_Oxr, bt_Ixr, scale, rows * cols)
     return write_factors(key.layout, *_gemm_operands(key.layout, a_Oxr, bt_Ixr.T), key.dtype)
 
@@ -410,10 +395,10 @@ def _host_view(member: _Member, h_2rxk: np.ndarray, basis: _Basis, memo: dict) -
             flat = min(n, k_max) * r
             z_f = [
                 np.einsum("k,kn->n", h_2rxk[start + j], basis.columns(min(k_max, flat - j * k_max)))
-                for j in range(_view_span(n, r, k_max)[0])
+                for j in range(view_span(n, r, k_max)[0])
             ]
             # With H itself: its id is not reused while the memo lives.
-            memo[key] = h_2rxk, _view_read(np.concatenate(z_f), n, r, k_max)
+            memo[key] = h_2rxk, view_read(np.concatenate(z_f), n, r, k_max)
         factors.append(memo[key][1])
     a_Oxr, bt_Ixr = factors
     if vector:
