@@ -8,12 +8,13 @@ bytes; then a second architecture of the same family in the same process (first
 call and warm call, `second_over_warm`); and, afterwards, the seconds the family's
 own random init of the same model takes.
 
-    python benchmarks/predict.py [preset ...] [--config tiny]
+    python benchmarks/predict.py [preset ...] [--config tiny] [--factors view|transpose]
 """
 
 import json
 import subprocess
 import sys
+import time
 
 PRESETS = ["vit-s", "vit-b", "vit-l", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"]
 # The architecture predicted second in the same process.
@@ -29,8 +30,6 @@ SECOND = {
 
 CHILD = r"""
 import json, sys, time
-import psutil
-start = psutil.Process().create_time()
 sys.path.insert(0, "benchmarks")
 from common import RSSSampler, Timer, machine, peak_rss_mb
 with Timer() as t_import:
@@ -39,9 +38,10 @@ with Timer() as t_import:
     import ghn
     from ghn.hypernet import predict as predict_lib
 
-name, second, size = sys.argv[1], sys.argv[2], sys.argv[3]
+name, second, size, factors = sys.argv[1:5]
+start = float(sys.argv[5])
 with Timer() as t_ghn:
-    hyper = ghn.GHN(ghn.GHNConfig.named(size), rngs=nnx.Rngs(0))
+    hyper = ghn.GHN(ghn.GHNConfig.named(size, factors=factors), rngs=nnx.Rngs(0))
     jax.block_until_ready(nnx.state(hyper))
 compiled = []
 _compile_all = predict_lib._compile_all
@@ -73,7 +73,7 @@ peak_lifetime = peak_rss_mb()
 with Timer() as t_random:
     m = spec.build(rngs=nnx.Rngs(0))
     jax.block_until_ready(nnx.state(m))
-print(json.dumps({"bench": "predict", "preset": name, "ghn": size,
+print(json.dumps({"bench": "predict", "preset": name, "ghn": size, "factors": factors,
     "params": spec.num_params(), "predicted_mb": round(nbytes / 2**20),
     "import_s": round(t_import.seconds, 3), "ghn_init_s": round(t_ghn.seconds, 3),
     "trace_s": round(trace_s, 3), "programs_compiled": programs,
@@ -93,15 +93,18 @@ print(json.dumps({"bench": "predict", "preset": name, "ghn": size,
 
 def main():
     args = sys.argv[1:]
-    size = "tiny"
-    if "--config" in args:
-        i = args.index("--config")
-        size = args[i + 1]
-        del args[i : i + 2]
+    options = {"--config": "tiny", "--factors": "view"}
+    for flag in options:
+        if flag in args:
+            i = args.index(flag)
+            options[flag] = args[i + 1]
+            del args[i : i + 2]
+    size, factors = options.values()
     for name in args or PRESETS:
-        out = subprocess.run(
-            [sys.executable, "-c", CHILD, name, SECOND[name], size], capture_output=True, text=True
-        )
+        # The process's start as the parent saw it: psutil's create_time counts from the
+        # boot time in whole seconds (/proc/stat), up to 1 s off.
+        cmd = [sys.executable, "-c", CHILD, name, SECOND[name], size, factors, repr(time.time())]
+        out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(json.dumps({"bench": "predict", "preset": name, "error": out.stderr[-3000:]}))
             continue
