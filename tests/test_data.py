@@ -4,7 +4,9 @@ import gzip
 import importlib.util
 import json
 import sys
+import sysconfig
 import tarfile
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -93,6 +95,30 @@ def test_digits():
     assert b["image"].shape == (16, 8, 8, 1) and 0 <= b["image"].min() <= b["image"].max() <= 1
 
 
+@pytest.mark.skipif(not has_sklearn, reason="scikit-learn not installed")
+def test_digits28_draws_the_digits_as_mnist_is():
+    digits, labels = images_lib._digits_arrays()
+    framed, framed_labels = images_lib._digits28_arrays()
+    np.testing.assert_array_equal(framed_labels, labels)
+    assert framed.shape == (1797, 28, 28, 1) and framed.dtype == np.uint8
+    # MNIST's 4-pixel empty border around a 20x20 box.
+    inner = np.zeros((28, 28), bool)
+    inner[4:24, 4:24] = True
+    assert not framed[:, ~inner].any()
+    # The box is the bilinear resize: rows of R are convex weights of <= 2 neighbours, a
+    # constant stays constant, a ramp stays monotone, and the digit is R x R^T rounded.
+    r = images_lib.resize_matrix(20, 8)
+    np.testing.assert_allclose(r.sum(axis=1), 1)
+    assert (r >= 0).all() and ((r > 0).sum(axis=1) <= 2).all()
+    assert (np.diff(r @ np.arange(8.0)) >= 0).all()
+    want = np.round(r @ digits[5, ..., 0].astype(np.float64) @ r.T)
+    np.testing.assert_array_equal(framed[5, 4:24, 4:24, 0], want)
+    train = data.get_dataset("digits28", "train")
+    val = data.get_dataset("digits28", "validation")
+    assert train.image_shape == (28, 28, 1) and len(train) + len(val) == 1797
+    assert train.num_classes == 10 and np.bincount(val.labels).min() >= 30
+
+
 def test_split_images_is_stratified_and_normalized_by_the_train_split():
     rng = np.random.default_rng(0)
     labels = rng.permutation(np.repeat(np.arange(3), [10, 20, 5]))
@@ -166,6 +192,18 @@ def test_pydoc_text_split_and_round_trip():
     tok = data.ByteTokenizer()
     s = "naïve café — ok"
     assert tok.decode(tok.encode(s)) == s and tok.encode(s).dtype == np.int32
+
+
+def test_python_source_is_the_standard_library_split_at_a_line():
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(lib.glob("*.py"))[: text_lib.PYTHON_SOURCE_MAX_FILES]
+    full = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    train = data.get_dataset("python_source", "train")
+    val = data.get_dataset("python_source", "validation")
+    assert (train.kind, train.vocab_size) == ("text", 256)
+    assert bytes(train.tokens) + bytes(val.tokens) == full.encode("utf-8")
+    assert bytes(train.tokens).endswith(b"\n")
+    assert 0.08 < len(val) / (len(train) + len(val)) < 0.12
 
 
 def test_text_windows_are_stream_slices():
@@ -264,6 +302,8 @@ def test_registry_errors():
         "cifar100",
         "imagefolder",
         "pydoc_text",
+        "python_source",
+        "digits28",
         "wikitext2",
         "wikitext103",
         "digits",

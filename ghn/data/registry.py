@@ -46,10 +46,12 @@ def get_dataset(name: str, split: str = "train", **kwargs) -> Dataset:
 
 register_dataset("mnist5k", images.mnist5k, ("train", "validation"))
 register_dataset("digits", images.digits, ("train", "validation"))
+register_dataset("digits28", images.digits28, ("train", "validation"))
 register_dataset("cifar10", functools.partial(images.cifar, "cifar10"), ("train", "test"))
 register_dataset("cifar100", functools.partial(images.cifar, "cifar100"), ("train", "test"))
 register_dataset("imagefolder", images.imagefolder, ("train", "validation", "test"))
 register_dataset("pydoc_text", text.pydoc_text, ("train", "validation"))
+register_dataset("python_source", text.python_source, ("train", "validation"))
 register_dataset(
     "wikitext2", functools.partial(text.wikitext, "wikitext2"), ("train", "validation", "test")
 )

@@ -1,10 +1,12 @@
-"""Text datasets: Python's own help texts (offline) and WikiText-2/103 raw files."""
+"""Text datasets: Python's own help texts and source code (offline), WikiText-2/103 raw
+files."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,9 @@ from ghn.data.dataset import DatasetNotFoundError, TextDataset, check_split, dat
 from ghn.data.tokenizers import ByteTokenizer, get_tokenizer
 
 PYDOC_VALIDATION_FRACTION = 0.1
+PYTHON_SOURCE_VALIDATION_FRACTION = 0.1
+# The standard library's top-level modules read for `python_source`, by sorted name.
+PYTHON_SOURCE_MAX_FILES = 40
 
 _WIKITEXT = {
     "wikitext2": ("WikiText-2", "wikitext-2-raw"),
@@ -52,9 +57,43 @@ def pydoc_corpus() -> tuple[str, str]:
             "e.g. Debian's python3-doc / libpython3-stdlib); use another text dataset"
         ) from None
     text = "\n".join(topics[k] for k in sorted(topics))
-    at = round((1 - PYDOC_VALIDATION_FRACTION) * len(text))
+    return _split_at_line(text, PYDOC_VALIDATION_FRACTION)
+
+
+def _split_at_line(text: str, fraction: float) -> tuple[str, str]:
+    """(train, validation): validation from the first line break at or after
+    (1 - fraction) of the characters."""
+    at = round((1 - fraction) * len(text))
     cut = (text.find("\n", at) + 1) or at
     return text[:cut], text[cut:]
+
+
+@functools.cache
+def python_source_corpus() -> tuple[str, str]:
+    """(train, validation) text: the first `PYTHON_SOURCE_MAX_FILES` top-level modules of this
+    Python's standard library (`*.py` by sorted name, ~1.5 MB), joined, split at a line."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(lib.glob("*.py"))[:PYTHON_SOURCE_MAX_FILES]
+    if not files:
+        raise DatasetNotFoundError(
+            f"no standard-library sources (*.py) in {lib}: this Python ships compiled modules "
+            "only; use another text dataset"
+        )
+    text = "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+    return _split_at_line(text, PYTHON_SOURCE_VALIDATION_FRACTION)
+
+
+def python_source(
+    split: str = "train", *, tokenizer: str = "byte", tokenizer_dir=None
+) -> TextDataset:
+    """Python code from this interpreter's standard library (offline): another byte corpus
+    than `pydoc_text`'s English help texts, the offline check of what a GHN trained on
+    those predicts for text it never saw. Its bytes follow the Python version."""
+    check_split("python_source", split, ("train", "validation"))
+    tok = get_tokenizer(tokenizer, tokenizer_dir)
+    train, val = python_source_corpus()
+    tokens = tokenize(train if split == "train" else val, tok)
+    return TextDataset("python_source", split, tokens=tokens, tokenizer=tok)
 
 
 def pydoc_text(split: str = "train", *, tokenizer: str = "byte", tokenizer_dir=None) -> TextDataset:
