@@ -102,10 +102,7 @@ def main(argv):
             raise ValueError(f"--compare_ghns takes LABEL=GHN entries, got {entry!r}")
         other_ghns[label] = ghn.load(where)
     kw = {"data_dir": _DATA_DIR.value} if _DATA_DIR.value else {}
-    if _DATA.value:
-        setup = evaluate.Setup.from_name(_DATA.value, seq_len=_SEQ_LEN.value, **kw)
-    else:
-        setup = evaluate.Setup.from_ghn_info(info, **kw)
+    setup = evaluate.Setup.from_ghn_info(info, _DATA.value, seq_len=_SEQ_LEN.value, **kw)
     specs = evaluate.resolve_archs(_ARCHS.value, info, setup)
     # Every target must fit every GHN: fail now, not after hours of fine-tuning.
     for label, other in [("--ghn", hyper), *other_ghns.items()]:

@@ -100,18 +100,28 @@ class Setup:
         return cls(task_of(train, seq_len), train, validation)
 
     @classmethod
-    def from_ghn_info(cls, info: dict[str, Any], **kwargs: Any) -> Setup:
-        """The dataset a GHN was trained on, from `ghn.hub.info` / `load(with_info=True)`."""
+    def from_ghn_info(
+        cls, info: dict[str, Any], data: str | None = None, *, seq_len: int = 0, **kwargs: Any
+    ) -> Setup:
+        """The dataset a GHN was trained on, from `ghn.hub.info` / `load(with_info=True)`,
+        or the registered dataset `data` read as the GHN read its own: text in windows of
+        its training `seq_len` (unless given) with its tokenizer, so its targets keep
+        their shapes on data it never saw (e.g. `digits28` for a GHN of MNIST-5k,
+        `python_source` for one of `pydoc_text`)."""
         train_config = train_config_of(info)
         if not train_config:
+            if data:
+                return cls.from_name(data, seq_len=seq_len, **kwargs)
             raise ConfigError(
                 "this GHN records no training config; name the dataset instead (eval.py: --data)"
             )
         d = train_config["data"]
         extra = {k: d[k] for k in ("data_dir", "tokenizer_dir") if d.get(k)}
+        if data:
+            extra.pop("data_dir", None)  # where its own data lived
         return cls.from_name(
-            d["name"],
-            seq_len=d.get("seq_len", 0),
+            data or d["name"],
+            seq_len=seq_len or d.get("seq_len", 0),
             tokenizer=d.get("tokenizer", "byte"),
             **{**extra, **kwargs},
         )

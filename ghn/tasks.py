@@ -70,7 +70,9 @@ class Task:
         return {"loss": loss, "accuracy": metric_mean}
 
 
-TEXT_DATASETS = ("pydoc_text", "wikitext2", "wikitext103")
+# Text corpora read whole from Python itself (no files, nothing to cache) and all text.
+OFFLINE_TEXT = ("pydoc_text", "python_source")
+TEXT_DATASETS = (*OFFLINE_TEXT, "wikitext2", "wikitext103")
 
 
 def dataset_kwargs(
@@ -89,7 +91,7 @@ def dataset_kwargs(
         kw["tokenizer"] = tokenizer
         if tokenizer_dir:
             kw["tokenizer_dir"] = tokenizer_dir
-        if cache_dir and name != "pydoc_text":
+        if cache_dir and name not in OFFLINE_TEXT:
             kw["cache_dir"] = cache_dir
     else:
         kw["augment"] = bool(augment) and train

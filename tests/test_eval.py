@@ -275,6 +275,22 @@ def test_eval_py_rejects_a_target_the_ghn_cannot_decode_before_any_work(workdir,
     assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.parametrize("name, data", [("vit-mnist", "digits28"), ("gpt2-text", "python_source")])
+def test_other_data_is_read_as_the_ghn_read_its_own(name, data):
+    """`Setup.from_ghn_info(info, data)` (eval.py --data): another dataset, with the GHN's
+    sequence length and tokenizer, so its held-out targets keep their shapes."""
+    info = hub.info(name)
+    own = evaluate.Setup.from_ghn_info(info)
+    other = evaluate.Setup.from_ghn_info(info, data)
+    assert other.train.name == data and own.train.name != data
+    assert other.task == own.task
+    spec = evaluate.training_pools(info).heldout[0]
+    assert own.fit(spec) == other.fit(spec)
+    if own.task.kind == "text":
+        assert other.task.seq_len == evaluate.train_config_of(info)["data"]["seq_len"]
+        assert evaluate.Setup.from_ghn_info(info, data, seq_len=16).task.seq_len == 16
+
+
 def test_noise_mix_restores_full_rank_and_keeps_vectors():
     rng = np.random.default_rng(0)
     low_rank = (rng.normal(size=(64, 4)) @ rng.normal(size=(4, 48))) / 2.0  # rank 4, std ~1
