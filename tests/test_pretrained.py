@@ -56,8 +56,9 @@ def test_shipped_ghn_predicts_a_heldout_architecture_far_better_than_random(name
         assert predicted["accuracy"] > 0.45, (predicted, random)
         assert predicted["loss"] < random["loss"] - 0.85, (predicted, random)
     else:
-        # Bytes: random init ~ ln 256 = 5.55 (perplexity ~256); measured ~3.0 (~20).
-        assert predicted["perplexity"] < 0.2 * random["perplexity"], (predicted, random)
+        # Bytes: random init ~5.4 (uniform: ln 256 = 5.55); measured on 8 batches of 64
+        # windows: 2.935 and 2.916 against 5.428 and 5.342 (the two held-out GPT-2s).
+        assert predicted["loss"] < random["loss"] - 2.0, (predicted, random)
     assert np.isfinite(predicted["loss"])
 
 
@@ -70,21 +71,32 @@ def test_vit_mnist_decodes_the_vit_presets_at_its_data_shapes():
         evaluate.check_fits(hyper, setup.fit(zoo.get(name, patch_size=7)), setup)
 
 
-def test_vit_mnist_starts_no_worse_than_random_on_a_larger_vit():
-    """The training run's "larger" ViT (1.5x deeper and wider than any in training): the
-    prediction as eval.py uses it by default (tempered when worse than the uniform guess
-    on 4 training batches) is no worse than random init at step 0."""
-    hyper, info = ghn.load("vit-mnist", with_info=True)
+def test_gpt2_text_decodes_the_gpt2_presets_with_bytes():
+    """GPT-2 small, medium and large with the byte vocabulary: the widest decoded dimension
+    is GPT-2 Large's MLP, 4 x 1280 = 5120, within the GHN's K."""
+    hyper, info = ghn.load("gpt2-text", with_info=True)
+    setup = evaluate.Setup.from_ghn_info(info)
+    for name in ("gpt2", "gpt2-medium", "gpt2-large"):
+        evaluate.check_fits(hyper, setup.fit(zoo.get(name)), setup)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_ghn_starts_no_worse_than_random_on_a_larger_architecture(name):
+    """The training run's "larger" architecture (1.5x deeper and wider than any in
+    training): the prediction as eval.py uses it by default (tempered when worse than the
+    uniform guess on 4 training batches) is no worse than random init at step 0."""
+    hyper, info = ghn.load(name, with_info=True)
     setup = evaluate.Setup.from_ghn_info(info)
     spec = setup.fit(evaluate.training_pools(info).larger[0])
     model, _ = evaluate.predict_model(hyper, spec, setup)
     evaluate.temper_prediction(model, spec, setup, evaluate.Recipe(), "auto")
     predicted = validation_metrics(model, setup, batches=3)
     random = validation_metrics(spec.build(rngs=nnx.Rngs(0)), setup, batches=3)
-    # Random init: the zero head's ln 10. Measured: raw prediction 3.77, tempered
+    # ViT: random init is the zero head's ln 10; measured: raw prediction 3.77, tempered
     # (alpha 0.021) 2.3032 against 2.3026. A tempered prediction is at most the uniform
     # guess on the 4 training batches; at alpha near 0 its loss on other digits differs
-    # from ln 10 by about alpha times the logits' spread, well under 0.01.
+    # from ln 10 by about alpha times the logits' spread, well under 0.01. GPT: measured
+    # 3.733 (untempered: better than uniform) against 5.340.
     assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
 
 
