@@ -100,19 +100,21 @@ def test_shipped_ghn_starts_no_worse_than_random_on_a_larger_architecture(name):
     assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
 
 
-def test_vit_mnist_starts_no_worse_than_random_on_digits_it_never_saw():
-    """`digits28` (other writers, scanner and resolution than MNIST's, same shapes and
-    classes): the held-out ViT's prediction as eval.py uses it by default (tempered when
-    worse than the uniform guess on 4 training batches) is no worse than random init at
-    step 0, although the raw prediction is confidently wrong there."""
-    hyper, info = ghn.load("vit-mnist", with_info=True)
-    setup = evaluate.Setup.from_ghn_info(info, "digits28")
+@pytest.mark.parametrize("name, data", [("vit-mnist", "digits28"), ("gpt2-text", "python_source")])
+def test_shipped_ghn_starts_no_worse_than_random_on_data_it_never_saw(name, data):
+    """Other data of the same shapes (`digits28`: other writers, scanner and resolution than
+    MNIST's; `python_source`: code instead of English help texts): the held-out
+    architecture's prediction as eval.py uses it by default (tempered when worse than the
+    uniform guess on 4 training batches) is no worse than random init at step 0."""
+    hyper, info = ghn.load(name, with_info=True)
+    setup = evaluate.Setup.from_ghn_info(info, data)
     spec = setup.fit(heldout_spec(info))
     model, _ = evaluate.predict_model(hyper, spec, setup)
     evaluate.temper_prediction(model, spec, setup, evaluate.Recipe(), "auto")
     predicted = validation_metrics(model, setup, batches=3)
     random = validation_metrics(spec.build(rngs=nnx.Rngs(0)), setup, batches=3)
-    # Measured on the whole split (359 digits): raw 2.792, tempered (alpha 0.27) 2.197,
-    # random ln 10 = 2.303 (zero head). Tempering is fitted on training digits; the
-    # margin is that of the larger ViT's check above.
+    # Measured on the whole digits28 split (359 digits): raw 2.792, tempered (alpha 0.27)
+    # 2.197, random ln 10 = 2.303 (zero head); tempering is fitted on training digits, the
+    # margin is that of the larger architectures' check above. python_source (8 batches):
+    # 3.094 untempered against 5.455.
     assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
