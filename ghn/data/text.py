@@ -71,7 +71,7 @@ def _split_at_line(text: str, fraction: float) -> tuple[str, str]:
 @functools.cache
 def python_source_corpus() -> tuple[str, str]:
     """(train, validation) text: the first `PYTHON_SOURCE_MAX_FILES` top-level modules of this
-    Python's standard library (`*.py` by sorted name, ~1.5 MB), joined, split at a line."""
+    Python's standard library (`*.py` by sorted name, ~1 MB here), joined, split at a line."""
     lib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(lib.glob("*.py"))[:PYTHON_SOURCE_MAX_FILES]
     if not files:
