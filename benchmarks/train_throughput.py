@@ -1,7 +1,7 @@
 """Meta-training throughput and compilations: bucketed vs per-architecture programs.
 
 Runs `configs/vit_mnist.py` (or `--config gpt2_text`) with its sampler's ranges
-broadened (`--ranges`; default: 1,938 ViTs of 1-10 blocks, or 372 GPT-2s), for
+broadened (`--ranges`; default: 1,938 ViTs of 1-10 blocks, or 1,488 GPT-2s), for
 each requested pool size and/or the stream (a fresh architecture at every
 position), on one or both training paths. Every run is a fresh process;
 `--caches cold,warm` runs each setting with an empty persistent compilation
@@ -17,6 +17,7 @@ filled. Prints JSON lines: the machine, then one line per run:
                                   archs/s over (1800 s - compile), a projection
   distinct_archs_in_30_min        how many of those are distinct (the run's own
                                   sampler, continued for that many draws)
+  peak_rss_mb                     the run's peak resident memory
 
     python benchmarks/train_throughput.py --pools 8,100,1000,stream --paths bucketed,per_arch \
         --steps 200 [--config gpt2_text] [--caches cold,warm]
@@ -43,12 +44,12 @@ RANGES = {
     "vit_mnist": dict(
         depth=(1, 10), width=(16, 144), width_multiple=4, max_heads=8, patch_size=(4, 7)
     ),
-    # 372 GPT-2s (1-12 blocks, width 16-256, 8 heads): all that gpts-1k draws here.
-    "gpt2_text": dict(depth=(1, 12), width=(16, 256), width_multiple=8),
+    # 1,488 GPT-2s (1-12 blocks, width 16-256, 1, 2, 4 or 8 heads).
+    "gpt2_text": dict(depth=(1, 12), width=(16, 256), width_multiple=8, num_heads=(1, 2, 4, 8)),
 }
 
 CHILD = r"""
-import importlib.util, json, sys, tempfile, time
+import importlib.util, json, resource, sys, tempfile, time
 t0 = time.perf_counter()
 from ghn.train import Trainer, read_metrics
 
@@ -117,6 +118,7 @@ print(json.dumps({
     "distinct_archs_in_30_min": len(seen),
     "batch_size": config.data.batch_size,
     "last_loss": train[-1]["loss"],
+    "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
 }))
 """
 

@@ -3,15 +3,17 @@
     python train.py --config configs/gpt2_text.py --workdir /tmp/gpt2_text
 
 Hardware: 2 CPU cores suffice; any GPU is faster. Time: about 5 minutes on 2 CPU
-cores, most of it compiling one program per architecture (6 training + 3
-evaluation GPTs). The data (`pydoc_text`, ~465k characters) ships with Python,
-so this runs offline. The byte-level task loss starts at ~5.5 (uniform over
-256 bytes). The shipped `gpt2-text` GHN comes from a longer run of this config
-(`python -m ghn list` has the command: K = 5120, a stream over the GPT-2s of 1-6
-blocks and width 16-128, 5000 steps, 60 min on 2 cores): its loss sat near a
-byte-unigram model's 3.25 (3.39-3.44) until step ~3500 and ended at 3.29;
-held-out GPTs reach loss 2.92-2.94 (perplexity ~18.5) with predicted parameters
-and no training.
+cores, most of it compiling (measured when every architecture had its own
+program: 6 training + 3 evaluation GPTs; the default bucketed path now compiles
+at most `archs.buckets` = 6 training programs for any pool, plus evaluation
+programs for the held-out and larger GPTs). The data (`pydoc_text`, ~465k
+characters) ships with Python, so this runs offline. The byte-level task loss
+starts at ~5.5 (uniform over 256 bytes). The shipped `gpt2-text` GHN comes from
+a longer run of this config (`python -m ghn list` has the command: K = 5120, a
+stream over the GPT-2s of 1-6 blocks and width 16-128, 5000 steps, 60 min on 2
+cores): its loss sat near a byte-unigram model's 3.25 (3.39-3.44) until step
+~3500 and ended at 3.29; held-out GPTs reach loss 2.92-2.94 (perplexity ~18.5)
+with predicted parameters and no training.
 """
 
 import ml_collections

@@ -23,18 +23,39 @@ V = TypeVar("V")
 
 class LRUCache(Generic[V]):
     """At most `maxsize` entries; `get_or_build` builds a missing one, evicting the least
-    recently used. Thread-safe; `build` runs outside the lock (compiles are slow)."""
+    recently used. Thread-safe; `build` runs outside the lock (compiles are slow).
 
-    def __init__(self, maxsize: int):
+    With `weigh` (an entry's weight, e.g. its bytes), entries are also evicted while
+    their summed weight exceeds `max_weight`; the newest entry always stays.
+    """
+
+    def __init__(
+        self,
+        maxsize: int,
+        *,
+        weigh: Callable[[V], int] | None = None,
+        max_weight: int | None = None,
+    ):
         if maxsize < 1:
             raise ValueError(f"cache size must be >= 1, got {maxsize}")
+        if (weigh is None) != (max_weight is None):
+            raise ValueError("give both weigh and max_weight, or neither")
         self.maxsize = maxsize
         self.evictions = 0
+        self.weight = 0
+        self._weigh = weigh
+        self._max_weight = max_weight
         self._data: collections.OrderedDict[Hashable, V] = collections.OrderedDict()
+        self._weights: dict[Hashable, int] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def keys(self) -> list[Hashable]:
+        """The keys, least recently used first."""
+        with self._lock:
+            return list(self._data)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._data
@@ -48,6 +69,10 @@ class LRUCache(Generic[V]):
 
     def put(self, key: Hashable, value: V) -> None:
         with self._lock:
+            if self._weigh is not None:
+                self.weight -= self._weights.pop(key, 0)
+                self._weights[key] = int(self._weigh(value))
+                self.weight += self._weights[key]
             self._data[key] = value
             self._data.move_to_end(key)
             self._shrink()
@@ -69,10 +94,18 @@ class LRUCache(Generic[V]):
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._weights.clear()
+            self.weight = 0
+
+    def _over(self) -> bool:
+        if len(self._data) > self.maxsize:
+            return True
+        return self._max_weight is not None and self.weight > self._max_weight
 
     def _shrink(self) -> None:
-        while len(self._data) > self.maxsize:
-            self._data.popitem(last=False)
+        while len(self._data) > 1 and self._over():
+            key, _ = self._data.popitem(last=False)
+            self.weight -= self._weights.pop(key, 0)
             self.evictions += 1
 
 

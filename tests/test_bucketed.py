@@ -241,11 +241,8 @@ def test_attention_layout_keeps_columns_and_masks_heads():
             assert mask[h, j] == float(real)
             if real:  # head h's j-th column of the real model
                 assert cols[h, j] == h * a + j
-    # Gathering back: column c reads its (head, position) of the flattened (H, A) layout.
-    back = arrays["attn_cols_D"]
-    for col in range(w):
-        assert back[col] == (col // a) * bucket.head_width + col % a
-        assert cols.reshape(-1)[back[col]] == col
+    # Every real column is read by exactly one real (head, position): nothing is lost.
+    assert sorted(cols[mask > 0].tolist()) == list(range(w))
 
 
 @pytest.mark.parametrize("name,i", [("vit-cls", 2), ("gpt2-tied", 2), ("gpt2-untied", 1)])

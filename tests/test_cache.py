@@ -34,6 +34,23 @@ def test_lru_evicts_the_least_recently_used():
         LRUCache(0)
 
 
+def test_lru_by_weight_keeps_the_summed_weight_bounded():
+    cache = LRUCache(100, weigh=len, max_weight=10)
+    for key in ("aaaa", "bbbb", "cc"):
+        cache.put(key, key)
+    assert cache.weight == 10 and len(cache) == 3
+    cache.get("aaaa")  # now the most recent: bbbb goes first
+    cache.put("ddd", "ddd")
+    assert cache.keys() == ["cc", "aaaa", "ddd"]
+    assert cache.weight == 9 and cache.evictions == 1
+    cache.put("cc", "cccccc")  # a new value for a key is re-weighed
+    assert cache.keys() == ["ddd", "cc"] and cache.weight == 9
+    cache.put("big", "x" * 50)  # heavier than the budget alone: kept, everything else goes
+    assert cache.keys() == ["big"] and cache.weight == 50
+    with pytest.raises(ValueError, match="weigh and max_weight"):
+        LRUCache(2, weigh=len)
+
+
 def tiny_gpt(i: int):
     spec = zoo.GPT2Spec(depth=1, width=8 * (i + 1), num_heads=2, vocab_size=32, context_length=8)
     return nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))), spec.input_spec()

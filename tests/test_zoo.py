@@ -449,6 +449,26 @@ def test_gpts_sampler_ranges():
     assert len(set(specs)) == 168 and len(set(specs[:168])) == 168
 
 
+def test_gpts_sampler_draws_head_counts_that_divide_the_width():
+    heads = (1, 2, 4, 8, 12)
+    specs = zoo.sample("gpts-1k", 400, seed=0, width=(16, 64), num_heads=heads, vocab_size=64)
+    assert all(s.num_heads in heads and s.width % s.num_heads == 0 for s in specs)
+    # 12 heads divide only widths 24 and 48 of 16-64 (multiples of 8); every count is drawn.
+    assert {s.num_heads for s in specs} == set(heads)
+    assert {s.width for s in specs if s.num_heads == 12} == {24, 48}
+    # One head count (8, the default) draws nothing for the heads, so recorded runs keep
+    # their architectures (these are the draws from before heads were a range).
+    assert [s.name for s in zoo.sample("gpts-1k", 5, seed=0, vocab_size=256)] == [
+        "gpt2-d8-w192-h8",
+        "gpt2-d6-w120-h8",
+        "gpt2-d5-w72-h8",
+        "gpt2-d3-w72-h8",
+        "gpt2-d4-w224-h8",
+    ]
+    with pytest.raises(ValueError, match="no width in"):
+        zoo.sample("gpts-1k", 5, width=(16, 40), num_heads=48)
+
+
 def test_cnns_sampler_ranges():
     specs = zoo.sample("cnns-1k", 200, seed=1, image_size=28, in_channels=1, width=(8, 16))
     assert len(set(specs)) == 200
@@ -550,6 +570,7 @@ def test_sample_command_errors(tmp_path, capsys):
     [
         ("vits-1k", dict(depth=(2, 4), width=(32, 96), width_multiple=16, max_heads=4)),
         ("gpts-1k", dict(depth=(1, 3), width=(16, 64))),
+        ("gpts-1k", dict(depth=(1, 2), width=(16, 48), num_heads=(1, 2, 4, 8))),
     ],
 )
 def test_space_lists_exactly_what_the_sampler_draws(name, ranges):

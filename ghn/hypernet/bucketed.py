@@ -195,17 +195,24 @@ def arch_inputs(plan: BucketPlan, spec: ArchSpec, input_spec, config) -> ArchInp
         scale[slot], center[slot], vrow[slot] = sc, ce, vr
         info = real.prepared.plan.infos[real.paths.index(path)]
         c_out, c_in, kh, kw = info.canonical_shape
+        # int32 throughout: the maps are one int per padded element (tens of MB for a
+        # GPT-2 bucket), built for every new architecture.
+        if len(leaf.slots) * leaf.rows * leaf.cols >= 2**31:
+            raise ConfigError(f"{spec.name}: {path}'s slots exceed int32 indexing")
         if kind == "vector":  # the buffer holds one decoded row per slot
-            canon = k * leaf.cols + np.arange(info.size, dtype=np.int64)
+            canon = np.int32(k * leaf.cols) + np.arange(info.size, dtype=np.int32)
         else:
-            base = k * leaf.rows * leaf.cols
+            base = np.int32(k * leaf.rows * leaf.cols)
             o, i, h, w = np.meshgrid(
-                np.arange(c_out), np.arange(c_in), np.arange(kh), np.arange(kw), indexing="ij"
+                *(np.arange(n, dtype=np.int32) for n in (c_out, c_in, kh, kw)), indexing="ij"
             )
-            canon = base + (o * kh + h) * leaf.cols + (i * kw + w)
+            canon = base + (o * np.int32(kh) + h) * np.int32(leaf.cols) + (i * np.int32(kw) + w)
         index_tree[tree_path] = info.from_canonical(canon.reshape(c_out, c_in, kh, kw))
     padded = zb.embed_params(plan.bucket, spec, zb.unflatten_tree(index_tree), fill=-1)
-    maps = {"/".join(map(str, p)): v.astype(np.int32) for p, v in zb.flatten_tree(padded).items()}
+    maps = {
+        "/".join(map(str, p)): v.astype(np.int32, copy=False)
+        for p, v in zb.flatten_tree(padded).items()
+    }
     graph = make_batch([real.prepared.graph], config, buckets=(plan.num_nodes,))
     target = zb.arch_arrays(plan.bucket, spec)
     return ArchInputs(graph, node, rows, cols, scale, center, vrow, maps, target)

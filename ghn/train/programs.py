@@ -80,6 +80,14 @@ class Stats:
         return sum(self.compilations[k] for k in kinds)
 
 
+# Host memory the prepared `ArchInputs` of bucketed architectures may hold.
+BUCKET_INPUTS_BYTES = 2 * 2**30
+
+
+def _host_bytes(tree) -> int:
+    return sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(tree))
+
+
 def _shape_key(tree) -> tuple:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     return (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
@@ -141,7 +149,11 @@ class Programs:
         # exhausts the process's memory mappings.
         self._arch_programs: LRUCache = LRUCache(max_programs)
         # Host arrays of bucketed architectures (index maps are padded-parameter sized).
-        self._bucket_inputs: LRUCache = LRUCache(256)
+        # A GPT-2's index maps take ~20-40 MB (one int per padded parameter): bounded by
+        # bytes, so a stream over hundreds of architectures keeps a fixed host footprint.
+        self._bucket_inputs: LRUCache = LRUCache(
+            256, weigh=_host_bytes, max_weight=BUCKET_INPUTS_BYTES
+        )
         self._eval_inputs: LRUCache = LRUCache(64)  # the same, on the devices
         self._weights: dict[tuple[int, int], jax.Array] = {}
         self._flags = {b: put_replicated(np.asarray(b), self.replicated) for b in (False, True)}

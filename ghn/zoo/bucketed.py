@@ -30,17 +30,18 @@ of its padded array once the fused axes are split:
 Heads are not an axis of the parameters: the attention columns stay D wide, as
 in the real models, so the head count and head width of a bucket's
 architectures may differ freely at no cost in parameters. The attention itself
-runs on an (H, A) layout gathered from those columns at runtime
-(head_cols_HxA): H x A x L x L multiply-adds per block for q.k and again for
-probs.v, against the real h x a x L x L. So heads cost compute where a bucket
+runs on an (H, A) layout: qkv's columns and proj's rows are gathered to it at
+runtime (head_cols_HxA; gathering the weights, not the activations, keeps the
+gathers and their gradients' scatter-adds off the batch), and then costs
+H x A x L x L multiply-adds per block for q.k and again for probs.v, against
+the real h x a x L x L. So heads cost compute where a bucket
 mixes many heads with wide heads, and `partition` weighs that (`cost`).
 
 Runtime arrays (`arch_arrays`), one architecture (stack them for vmap):
   block_mask_n (n,)  width_mask_D (D,)  hidden_mask_F (F,): 1 on the real prefix,
   0 on padding (float32); head_cols_HxA (H, A) int32: the column of head h's
   j-th attention channel (h * a + j for real head width a), head_mask_HxA: 1 where
-  (h, j) is real; attn_cols_D (D,) int32: where column c sits in the flattened
-  (H, A) layout (the way back); width (): the real width (LayerNorm statistics);
+  (h, j) is real; width (): the real width (LayerNorm statistics);
   attn_scale (): 1/sqrt(real head width).
 
 What is masked where: `forward` replaces every padded element of every parameter
@@ -51,8 +52,8 @@ is exactly 0. From zero padded weights it follows that the padded residual
 channels, hidden units and attention columns stay exactly 0, so LayerNorm sums
 over all D channels and divides by the real `width`; head h's logits sum q.k
 over its own columns only (the gathered padding is masked to 0), and its output
-is gathered back to those columns; a padded head (all of its row masked) has
-logits 0 and outputs 0, and padded columns meet proj's zero rows; an
+meets the gathered rows of proj for those columns; a padded head (all of its row
+masked) has logits 0 and outputs 0 and meets zero rows of proj; an
 absent block's residual update is 0, and is masked by `block_mask_n` besides.
 
 Only families with a padded form are supported (`supports`); every other spec
@@ -268,16 +269,12 @@ def arch_arrays(bucket: Bucket, spec: ArchSpec) -> dict[str, np.ndarray]:
     }
     # Head h of the real model reads columns h*a .. h*a + a - 1 (a its head width); the
     # attention runs on an (H, A) layout gathered from those columns (padding: column 0,
-    # masked), and its output is gathered back to the D columns.
+    # masked).
     a = real["A"]
     h_HxA, j_HxA = np.meshgrid(np.arange(padded["H"]), np.arange(padded["A"]), indexing="ij")
     real_HxA = (h_HxA < real["H"]) & (j_HxA < a)
     arrays["head_mask_HxA"] = real_HxA.astype(np.float32)
     arrays["head_cols_HxA"] = np.where(real_HxA, h_HxA * a + j_HxA, 0).astype(np.int32)
-    d = np.arange(padded["D"])
-    arrays["attn_cols_D"] = np.where(d < real["D"], (d // a) * padded["A"] + d % a, 0).astype(
-        np.int32
-    )
     arrays["width"] = np.asarray(spec.width, np.float32)
     arrays["attn_scale"] = np.asarray(1.0 / math.sqrt(a), np.float32)
     return arrays
@@ -583,7 +580,6 @@ def _check_inputs(bucket: Bucket, padded_params: Mapping, arrays: Mapping) -> No
     want_arrays = {name: (sizes[k],) for k, name in _MASKS.items()} | {
         "head_mask_HxA": (sizes["H"], sizes["A"]),
         "head_cols_HxA": (sizes["H"], sizes["A"]),
-        "attn_cols_D": (sizes["D"],),
         "width": (),
         "attn_scale": (),
     }
@@ -606,16 +602,18 @@ def _layer_norm(x_BxLxD, p, width, eps):
 
 
 def _attention(x_BxLxD, qkv, proj, arrays, scale, causal):
-    qkv_BxLx3xD = jnp.einsum("bld,dte->blte", x_BxLxD, qkv["kernel"])
-    qkv_BxLx3xD = qkv_BxLx3xD + qkv["bias"][None, None]
-    # Each head's columns, gathered to the bucket's (H, A) layout; padded (h, a) are 0,
-    # so a head's q.k sums over its real columns only and a padded head (all 0) has
-    # logits 0 and an output of 0.
+    # The weights, not the activations, are gathered to the bucket's (H, A) layout: qkv's
+    # columns and proj's rows of head h's j-th channel, 0 where (h, j) is padding. So q, k
+    # and v come out of one einsum already in that layout (a head's q.k sums over its real
+    # columns only; a padded head has logits 0 and outputs 0), and the gathers and their
+    # scatter-add gradients cost D x 3HA per block, not batch x tokens x 3HA.
+    cols_HxA = arrays["head_cols_HxA"]
     mask_HxA = arrays["head_mask_HxA"].astype(x_BxLxD.dtype)
-    g_BxLx3xHxA = (
-        jnp.take(qkv_BxLx3xD, arrays["head_cols_HxA"], axis=3) * mask_HxA[None, None, None]
-    )
-    q_BxLxHxA, k_BxLxHxA, v_BxLxHxA = (g_BxLx3xHxA[:, :, t] for t in range(3))
+    kernel_Dx3xHxA = jnp.take(qkv["kernel"], cols_HxA, axis=2) * mask_HxA[None, None]
+    bias_3xHxA = jnp.take(qkv["bias"], cols_HxA, axis=1) * mask_HxA[None]
+    qkv_BxLx3xHxA = jnp.einsum("bld,dtha->bltha", x_BxLxD, kernel_Dx3xHxA)
+    qkv_BxLx3xHxA = qkv_BxLx3xHxA + bias_3xHxA[None, None]
+    q_BxLxHxA, k_BxLxHxA, v_BxLxHxA = (qkv_BxLx3xHxA[:, :, t] for t in range(3))
     logits_BxHxLxL = jnp.einsum("bqha,bsha->bhqs", q_BxLxHxA, k_BxLxHxA) * scale
     logits_BxHxLxL = logits_BxHxLxL.astype(jnp.float32)
     if causal:
@@ -624,10 +622,8 @@ def _attention(x_BxLxD, qkv, proj, arrays, scale, causal):
         logits_BxHxLxL = jnp.where(mask_1x1xLxL, logits_BxHxLxL, jnp.finfo(jnp.float32).min)
     probs_BxHxLxL = jax.nn.softmax(logits_BxHxLxL, axis=-1).astype(x_BxLxD.dtype)
     out_BxLxHxA = jnp.einsum("bhqs,bsha->bqha", probs_BxHxLxL, v_BxLxHxA)
-    b, length, h, a = out_BxLxHxA.shape
-    # Back to the D columns (a padded column reads (0, 0); proj's padded rows are 0).
-    out_BxLxD = jnp.take(out_BxLxHxA.reshape(b, length, h * a), arrays["attn_cols_D"], axis=2)
-    return jnp.einsum("bqe,ed->bqd", out_BxLxD, proj["kernel"]) + proj["bias"][None, None]
+    proj_HxAxD = jnp.take(proj["kernel"], cols_HxA, axis=0) * mask_HxA[..., None]
+    return jnp.einsum("bqha,had->bqd", out_BxLxHxA, proj_HxAxD) + proj["bias"][None, None]
 
 
 def _mlp(x_BxLxD, fc1, fc2, approximate):

@@ -22,8 +22,10 @@ uniform in `patch_size`; MLP ratio 4. Task defaults are CIFAR-10's (32x32x3,
 10 classes).
 
 gpts-1k: depth uniform in `depth`, width uniform over the multiples of
-`width_multiple` (and of num_heads) in `width`, 8 heads, GPT-2's vocabulary and
-context by default.
+`width_multiple` in `width` that some choice of `num_heads` divides, heads
+uniform over the choices of `num_heads` that divide the width (default 8, the
+paper's; `num_heads=(1, 2, 4, 8)` gives 4x the architectures), GPT-2's
+vocabulary and context by default.
 
 cnns-1k: CellNetSpecs. Number of cells uniform in `num_cells` with
 `num_reductions` evenly spaced reduction cells (DARTS), width uniform over the
@@ -181,26 +183,42 @@ def _vit_space(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _gpt_heads(width: int, cfg: Mapping[str, Any]) -> list[int]:
+    return [h for h in cfg["num_heads"] if width % h == 0]
+
+
 def _gpt_widths(cfg: Mapping[str, Any]) -> list[int]:
     lo, hi = cfg["width"]
-    return [w for w in _multiples(lo, hi, cfg["width_multiple"]) if w % cfg["num_heads"] == 0]
+    return [w for w in _multiples(lo, hi, cfg["width_multiple"]) if _gpt_heads(w, cfg)]
 
 
 def _check_gpts(cfg: dict[str, Any]) -> None:
     cfg["depth"] = _interval("depth", cfg["depth"])
     cfg["width"] = _interval("width", cfg["width"])
+    cfg["num_heads"] = _choices("num_heads", cfg["num_heads"])
+    check(
+        all(isinstance(h, int) and h >= 1 for h in cfg["num_heads"]),
+        f"gpts-1k num_heads must be positive ints, got {cfg['num_heads']}",
+    )
     check(_gpt_widths(cfg), f"gpts-1k has no width in {cfg['width']} for these multiples")
 
 
 def _draw_gpt(rng: np.random.Generator, cfg: Mapping[str, Any]) -> dict[str, Any]:
     depth = int(rng.integers(cfg["depth"][0], cfg["depth"][1] + 1))
-    return dict(depth=depth, width=_pick(rng, _gpt_widths(cfg)))
+    width = _pick(rng, _gpt_widths(cfg))
+    heads = _gpt_heads(width, cfg)
+    # A single head count draws nothing, so the default (8 heads) keeps its draws.
+    return dict(
+        depth=depth, width=width, num_heads=heads[0] if len(heads) == 1 else _pick(rng, heads)
+    )
 
 
 def _gpt_space(cfg: Mapping[str, Any]) -> list[dict[str, Any]]:
-    widths = _gpt_widths(cfg)
     return [
-        dict(depth=d, width=w) for d in range(cfg["depth"][0], cfg["depth"][1] + 1) for w in widths
+        dict(depth=d, width=w, num_heads=h)
+        for d in range(cfg["depth"][0], cfg["depth"][1] + 1)
+        for w in _gpt_widths(cfg)
+        for h in _gpt_heads(w, cfg)
     ]
 
 
@@ -268,9 +286,9 @@ SAMPLERS: dict[str, Sampler] = {
     "gpts-1k": Sampler(
         name="gpts-1k",
         spec_cls=GPT2Spec,
-        ranges=dict(depth=(3, 9), width=(72, 256), width_multiple=8),
-        task=dict(num_heads=8),
-        drawn=("depth", "width"),
+        ranges=dict(depth=(3, 9), width=(72, 256), width_multiple=8, num_heads=8),
+        task=dict(),
+        drawn=("depth", "width", "num_heads"),
         draw_fn=_draw_gpt,
         check_fn=_check_gpts,
         space_fn=_gpt_space,
