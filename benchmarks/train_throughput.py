@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -139,6 +140,9 @@ def run_child(setting: dict) -> dict:
 
 
 def main() -> None:
+    # SIGTERM (e.g. pkill) becomes an exception, so subprocess.run kills the running
+    # child instead of leaving it to share the cores with the next benchmark.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="vit_mnist", choices=sorted(RANGES))
     parser.add_argument("--pools", default="8,100,1000,stream", help="pool sizes and/or 'stream'")
