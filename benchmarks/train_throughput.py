@@ -17,10 +17,15 @@ filled. Prints JSON lines: the machine, then one line per run:
                                   archs/s over (1800 s - compile), a projection
   distinct_archs_in_30_min        how many of those are distinct (the run's own
                                   sampler, continued for that many draws)
+  steps                           the last logged step (with --minutes: where it stopped)
   peak_rss_mb                     the run's peak resident memory
 
     python benchmarks/train_throughput.py --pools 8,100,1000,stream --paths bucketed,per_arch \
         --steps 200 [--config gpt2_text] [--caches cold,warm]
+
+`--minutes 30 --steps 100000` measures a real 30-minute run instead of projecting
+one: each run stops after that wall time from its process start (compiling
+included), and `distinct_archs` is what it saw.
 
 A per-architecture run over a big pool compiles one program per architecture
 it meets (~19 s each on 2 CPU cores), so `--per-arch-steps` caps its steps.
@@ -78,6 +83,15 @@ config.compilation_cache_dir = a["cache"]
 workdir = tempfile.mkdtemp()
 trainer = Trainer(config, workdir)
 setup_s = time.perf_counter() - t0
+if a["minutes"]:
+    # A wall-clock budget from process start: SIGTERM makes the trainer stop at the next
+    # step boundary, so the run's own metrics say what it saw in that time.
+    import os, signal, threading
+    timer = threading.Timer(
+        max(0.0, 60 * a["minutes"] - setup_s), os.kill, (os.getpid(), signal.SIGTERM)
+    )
+    timer.daemon = True
+    timer.start()
 summary = trainer.train()
 trainer.close()
 wall = time.perf_counter() - t0
@@ -110,6 +124,7 @@ print(json.dumps({
     "persistent_cache_hits": stats.persistent_hits,
     "buckets": len(trainer.groups),
     "candidates": pool,
+    "steps": train[-1]["step"],
     "distinct_archs": train[-1]["distinct_archs"],
     "steady_windows": len(steady),
     "steady_steps_per_s": round(rate / m, 2),
@@ -156,6 +171,9 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10, help="steps per measured window")
     parser.add_argument("--caches", default="cold", help="cold and/or warm")
     parser.add_argument("--ranges", default="", help="JSON overriding the sampler ranges")
+    parser.add_argument(
+        "--minutes", type=float, default=0.0, help="stop each run after this wall time (0: none)"
+    )
     args = parser.parse_args()
 
     from common import emit, machine
@@ -179,6 +197,7 @@ def main() -> None:
                         "meta_batch": args.meta_batch,
                         "buckets": args.buckets,
                         "log_every": args.log_every,
+                        "minutes": args.minutes,
                         "cache": cache,
                     }
                     out = run_child(setting)

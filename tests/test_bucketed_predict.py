@@ -136,7 +136,8 @@ def test_bucketed_meta_loss_and_gradients_equal_the_per_architecture_ones(hyper,
         depth=bucket.depth,
         width=bucket.width,
         mlp_width=bucket.mlp_hidden,
-        head_dim=bucket.head_width,
+        # A head's q.k: sub-heads' partial sums, then a sum over the sub-heads.
+        head_dim=bucket.sub_heads * bucket.head_width + bucket.sub_heads,
         tokens=17,
     )
     for k in ("loss", "task_loss", "metric", "reg"):
@@ -157,3 +158,24 @@ def test_bucketed_meta_loss_and_gradients_equal_the_per_architecture_ones(hyper,
     tol = max(roundoff_atol(2 * n + sums, norm), 8 * spread)
     diff = distance(got["grads"], want["grads"])
     assert diff <= tol, (diff, tol, spread, norm)
+
+
+def test_each_architecture_of_a_meta_batch_runs_only_its_own_blocks(hyper):
+    """The meta-batch is mapped over, not vmapped: each block stays a real branch
+    (`lax.cond` on the architecture's own block mask), so a 1-block GPT-2 in a 3-block
+    bucket skips two blocks. Under vmap the cond would become a select that runs them."""
+    specs = FAMILIES["gpt2"]
+    plan = hb.make_bucket_plan(zb.smallest_bucket(specs), specs, input_spec, CONFIG)
+    stacked = jax.tree.map(
+        lambda *xs: np.stack(xs), *[hb.arch_inputs(plan, s, input_spec(s), CONFIG) for s in specs]
+    )
+    batch = {"tokens": jnp.zeros((4, 9), jnp.int32)}
+    kw = dict(ghn_graphdef=nnx.graphdef(hyper), task=Task("text", seq_len=8), plan=plan)
+    grads = jax.make_jaxpr(
+        lambda p, i, b: step.meta_grads(
+            p, i, b, loss_fn=step.bucketed_meta_loss, pred_weight_decay=3e-5, **kw
+        )
+    )(nnx.state(hyper, nnx.Param), stacked, batch)
+    text = str(grads)
+    # Forward and backward each branch on the block mask.
+    assert text.count("cond[") >= 2, "the blocks are no longer skipped per architecture"

@@ -6,14 +6,17 @@ static part, `BucketPlan`, depends on the bucket only: one *slot* per padded
 parameter and block (blocks/attn/qkv/kernel of block 3 is one slot), each
 decoded at a fixed maximal size (rows x cols of the decoder's canonical
 layout). Everything that differs between architectures is a runtime array
-(`ArchInputs`, fixed shapes per plan, so a meta-batch stacks and vmaps):
+(`ArchInputs`, fixed shapes per plan, so a meta-batch stacks and maps):
 
   node_S        which graph node predicts slot S (its GHN embedding)
   rows_S/cols_S the real decoded size of slot S (0 x 0: absent, e.g. a missing block)
   scale_S       matrices: the target std of the normalization table; vectors: tanh amplitude
   center_S      vectors: tanh center;  vrow_S: vectors: which of the 2 decoded rows
-  maps          per padded leaf, for each padded element, its position in the
-                slots' decoded buffer (slot, row, col), or -1 for padding
+  maps          per padded leaf, where each of its elements is in the slots' decoded
+                buffer (slot, row, col), factored: one int vector per padded axis,
+                summed by broadcasting on the device (`ghn.zoo.bucketed.embed_offsets`:
+                a few KB to build and ship per architecture, not the padded size);
+                padding is masked by the target's masks
   graph         the architecture's graph padded to the plan's node count
   target        the target forward's masks and scalars (`ghn.zoo.bucketed.arch_arrays`)
 
@@ -25,8 +28,8 @@ asked for, and the normalization's Gram sums run over the real block only. So
 equals `GHN.predict` on the real model, up to float round-off (tested).
 
 The maps are built on the host by embedding, for every real parameter, an
-array of its own element positions (`ghn.zoo.bucketed.embed_params(...,
-fill=-1)`), so the padded layout is defined in one place (the zoo side).
+array of its own element positions (`ghn.zoo.bucketed.embed_offsets`), so the
+padded layout is defined in one place (the zoo side).
 """
 
 from __future__ import annotations
@@ -179,6 +182,7 @@ def arch_inputs(plan: BucketPlan, spec: ArchSpec, input_spec, config) -> ArchInp
     center = np.zeros(s, np.float32)
     vrow = np.zeros(s, np.int32)
     index_tree = {}
+    block0: dict[Path, np.ndarray] = {}  # a stacked leaf's positions in its block 0 slot
     by_path = {leaf.path: leaf for leaf in plan.leaves}
     for tree_path, path, d in zip(real.tree_paths, real.paths, real.decode, strict=True):
         kind, r, c, n, vr, sc, ce = d
@@ -193,26 +197,23 @@ def arch_inputs(plan: BucketPlan, spec: ArchSpec, input_spec, config) -> ArchInp
             )
         node[slot], rows[slot], cols[slot] = n, r, c
         scale[slot], center[slot], vrow[slot] = sc, ce, vr
-        info = real.prepared.plan.infos[real.paths.index(path)]
-        c_out, c_in, kh, kw = info.canonical_shape
-        # int32 throughout: the maps are one int per padded element (tens of MB for a
-        # GPT-2 bucket), built for every new architecture.
         if len(leaf.slots) * leaf.rows * leaf.cols >= 2**31:
             raise ConfigError(f"{spec.name}: {path}'s slots exceed int32 indexing")
-        if kind == "vector":  # the buffer holds one decoded row per slot
-            canon = np.int32(k * leaf.cols) + np.arange(info.size, dtype=np.int32)
-        else:
-            base = np.int32(k * leaf.rows * leaf.cols)
-            o, i, h, w = np.meshgrid(
-                *(np.arange(n, dtype=np.int32) for n in (c_out, c_in, kh, kw)), indexing="ij"
-            )
-            canon = base + (o * np.int32(kh) + h) * np.int32(leaf.cols) + (i * np.int32(kw) + w)
-        index_tree[tree_path] = info.from_canonical(canon.reshape(c_out, c_in, kh, kw))
-    padded = zb.embed_params(plan.bucket, spec, zb.unflatten_tree(index_tree), fill=-1)
-    maps = {
-        "/".join(map(str, p)): v.astype(np.int32, copy=False)
-        for p, v in zb.flatten_tree(padded).items()
-    }
+        # Slot k's buffer starts at k * its size; every block's positions are block 0's
+        # shifted, so they are built once per leaf.
+        base = k * (leaf.cols if kind == "vector" else leaf.rows * leaf.cols)
+        if block in (None, 0):
+            info = real.prepared.plan.infos[real.paths.index(path)]
+            c_out, c_in, kh, kw = info.canonical_shape
+            if kind == "vector":  # the buffer holds one decoded row per slot
+                canon = np.arange(info.size, dtype=np.int64)
+            else:
+                o, i, h, w = np.ix_(*(np.arange(n, dtype=np.int64) for n in (c_out, c_in, kh, kw)))
+                canon = (o * kh + h) * leaf.cols + (i * kw + w)
+            block0[leaf_path] = info.from_canonical(canon.reshape(c_out, c_in, kh, kw))
+        index_tree[tree_path] = block0[leaf_path] + base
+    offsets = zb.embed_offsets(plan.bucket, spec, zb.unflatten_tree(index_tree))
+    maps = {"/".join(map(str, p)): v for p, v in zb.flatten_tree(offsets).items()}
     graph = make_batch([real.prepared.graph], config, buckets=(plan.num_nodes,))
     target = zb.arch_arrays(plan.bucket, spec)
     return ArchInputs(graph, node, rows, cols, scale, center, vrow, maps, target)
@@ -252,11 +253,13 @@ def predict_padded(ghn, plan: BucketPlan, inputs: ArchInputs) -> dict:
         raise ConfigError("bucketed prediction needs the low-rank decoder")
     nodes_NxD = ghn.encode(inputs.graph)[0].astype(jnp.float32)
     flat = {}
+    masks = zb.flatten_tree(zb.param_masks(plan.bucket, inputs.target))
     for leaf in plan.leaves:
         buffer = _decode_leaf(ghn, nodes_NxD, leaf, inputs)
-        key = "/".join(map(str, leaf.path))
-        m = inputs.maps[key]
-        flat[leaf.path] = jnp.where(m >= 0, buffer[jnp.maximum(m, 0)], 0.0)
+        at = zb.sum_offsets(inputs.maps["/".join(map(str, leaf.path))])
+        # Padding's sums point anywhere (clipped into the buffer) and are masked to 0.
+        values = buffer[jnp.clip(at, 0, buffer.shape[0] - 1)]
+        flat[leaf.path] = jnp.where(masks[leaf.path] > 0, values, 0.0)
     return zb.unflatten_tree(flat)
 
 
