@@ -119,6 +119,7 @@ print(json.dumps({
     "wall_s": round(wall, 1),
     "setup_s": round(setup_s, 1),
     "compile_s": round(stats.compile_s, 1),
+    "compile_s_by_kind": {k: round(v, 1) for k, v in sorted(stats.compile_seconds.items())},
     "compilations": stats.total(),
     "train_programs": summary["traces"].get("train", 0) + summary["traces"].get("bucket_train", 0),
     "persistent_cache_hits": stats.persistent_hits,

@@ -33,7 +33,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.archs.sampler = "gpts-1k"
     # gpts-1k shrunk for a CPU: 2-3 blocks, width 32-64, byte vocabulary.
     config.archs.ranges = ml_collections.ConfigDict(
-        dict(vocab_size=256, context_length=SEQ_LEN, depth=(2, 3), width=(32, 64))
+        # num_heads: gpts-1k's 8, a tuple so --config.archs.ranges.num_heads='(1, 2, 4, 8)'
+        # can widen it.
+        dict(
+            vocab_size=256,
+            context_length=SEQ_LEN,
+            depth=(2, 3),
+            width=(32, 64),
+            num_heads=(8,),
+        )
     )
     config.archs.pool_size = 6
     config.archs.meta_batch_size = 2
