@@ -182,20 +182,7 @@ def bucketed_meta_loss(
         metric = sums["metric_sum"] / sums["count"]
         return task_loss + pred_weight_decay * reg, (task_loss, metric, reg)
 
-    import os
-
-    if os.environ.get("GHN_VARIANT") == "vmap_any":
-        import dataclasses
-
-        run_n = jnp.max(inputs_M.target["block_mask_n"], axis=0)
-
-        def one_any(inputs, run_n):
-            inputs = dataclasses.replace(inputs, target={**inputs.target, "run_block_n": run_n})
-            return one(inputs)
-
-        loss_M, (task_M, metric_M, reg_M) = jax.vmap(one_any, in_axes=(0, None))(inputs_M, run_n)
-    else:
-        loss_M, (task_M, metric_M, reg_M) = jax.lax.map(one, inputs_M)
+    loss_M, (task_M, metric_M, reg_M) = jax.lax.map(one, inputs_M)
     aux = {"task_loss": jnp.mean(task_M), "metric": jnp.mean(metric_M), "reg": jnp.mean(reg_M)}
     return jnp.mean(loss_M), aux
 

@@ -690,7 +690,7 @@ def _check_inputs(bucket: Bucket, padded_params: Mapping, arrays: Mapping) -> No
         "width": (),
         "attn_scale": (),
     }
-    got_arrays = {k: tuple(np.shape(v)) for k, v in arrays.items() if k != "run_block_n"}
+    got_arrays = {k: tuple(np.shape(v)) for k, v in arrays.items()}
     if want_arrays != got_arrays:
         raise ValueError(
             f"arrays {got_arrays} do not match arch_arrays for {bucket.name}: {want_arrays}"
@@ -774,24 +774,12 @@ def _blocks(bucket: Bucket, blocks: Mapping, arrays: Mapping, x_BxLxD: jax.Array
         mlp = _mlp(h_BxLxD, _get(p, names["fc1"]), _get(p, names["fc2"]), family == "gpt2")
         return x_BxLxD + mlp
 
-    import os
-
-    V = os.environ.get("GHN_VARIANT", "map")
-    ck = jax.checkpoint(block, prevent_cse=V != "map_nocse" and V != "vmap_any")
-
     def maybe_block(x_BxLxD, xs):
-        p, on, run = xs
+        p, on = xs
         skip = lambda x, _: x  # noqa: E731
-        if V == "vmap_any":
+        return jax.lax.cond(on > 0, jax.checkpoint(block), skip, x_BxLxD, p), None
 
-            def masked(x, p):
-                return jnp.where(on > 0, ck(x, p), x)
-
-            return jax.lax.cond(run > 0, masked, skip, x_BxLxD, p), None
-        return jax.lax.cond(on > 0, ck, skip, x_BxLxD, p), None
-
-    run_n = arrays.get("run_block_n", arrays["block_mask_n"])
-    x_BxLxD, _ = jax.lax.scan(maybe_block, x_BxLxD, (blocks, arrays["block_mask_n"], run_n))
+    x_BxLxD, _ = jax.lax.scan(maybe_block, x_BxLxD, (blocks, arrays["block_mask_n"]))
     return x_BxLxD
 
 
