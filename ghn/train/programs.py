@@ -20,9 +20,7 @@ compilation cache.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -69,12 +67,10 @@ class Stats:
     traces: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     compile_seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     persistent_hits: int = 0
-    overlap_s: float = 0.0  # compile seconds that ran side by side (`compile_buckets`)
 
     @property
     def compile_s(self) -> float:
-        """Wall seconds spent compiling."""
-        return sum(self.compile_seconds.values()) - self.overlap_s
+        return sum(self.compile_seconds.values())
 
     def total(self) -> int:
         return sum(self.compilations.values())
@@ -130,7 +126,6 @@ class Programs:
         self.pred_weight_decay = pred_weight_decay
         self.nan_step = nan_step
         self.stats = Stats()
-        self._stats_lock = threading.Lock()
         self.replicated = replicated(mesh)
         self.data_sharding = batch_sharding(mesh)
         abstract = abstract_ghn(ghn_config)
@@ -176,11 +171,10 @@ class Programs:
         # Processes compile at their own pace; line them up before the program's
         # collectives run (every process compiles the same programs in order).
         barrier(f"compiled-{kind}")
-        with self._stats_lock:
-            self.stats.compile_seconds[kind] += time.perf_counter() - start
-            self.stats.compilations[kind] += 1
-            if compile_cache.persistent_cache_counts()["hits"] > before:
-                self.stats.persistent_hits += 1
+        self.stats.compile_seconds[kind] += time.perf_counter() - start
+        self.stats.compilations[kind] += 1
+        if compile_cache.persistent_cache_counts()["hits"] > before:
+            self.stats.persistent_hits += 1
         return compiled
 
     @property
@@ -329,38 +323,7 @@ class Programs:
         """acc + weight * (mean loss, metrics and GHN gradients of `specs` on `batch`), all
         in the one program of (`plan`, len(specs), batch shape), whatever the specs are."""
         inputs = self.bucket_inputs(plan, specs)
-        program = self._bucket_train(plan, len(specs), params, acc, inputs, batch, weight)
-        return program(params, acc, inputs, batch, weight)
-
-    def compile_buckets(
-        self, jobs: Sequence[tuple[hb.BucketPlan, Sequence[ArchSpec]]], params, batch, threads=2
-    ) -> None:
-        """Compiles the training programs of `jobs` ((plan, a meta-batch of its specs))
-        before their first step, `threads` side by side. XLA:CPU compiles one program
-        on about one core, so two at once take about the time of one on 2 cores
-        (measured: 6 GPT-2 bucket programs, 136 s one after another). One process
-        only: processes line their compiles up in order (`barrier`), so with several
-        each program compiles when first met, as without this."""
-        if jax.process_count() > 1 or threads < 2 or len(jobs) < 2:
-            return
-        acc = self.zeros()
-
-        def one(job):
-            plan, specs = job
-            inputs = self.bucket_inputs(plan, specs)
-            weight = self.weight(len(specs), len(specs))
-            self._bucket_train(plan, len(specs), params, acc, inputs, batch, weight)
-
-        start, before = time.perf_counter(), self.stats.compile_s
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, jobs))
-        # Seconds compiling are wall seconds: side by side, they count once.
-        with self._stats_lock:
-            wall = time.perf_counter() - start
-            self.stats.overlap_s += max(0.0, self.stats.compile_s - before - wall)
-
-    def _bucket_train(self, plan, m: int, params, acc, inputs, batch, weight):
-        key = ("bucket_train", plan, m, _shape_key(batch))
+        key = ("bucket_train", plan, len(specs), _shape_key(batch))
         kwargs = dict(
             ghn_graphdef=self.ghn_graphdef,
             plan=plan,
@@ -379,7 +342,7 @@ class Programs:
             args = (params, acc, inputs, batch, weight)
             return self._compile("bucket_train", fn, in_sh, self.acc_shardings, args, donate=(1,))
 
-        return self._arch_cached(key, build)
+        return self._arch_cached(key, build)(params, acc, inputs, batch, weight)
 
     def evaluate(self, spec: ArchSpec, params, batch) -> dict[str, jax.Array]:
         """Summed loss and metric numerator of predicted parameters (no fine-tuning)."""

@@ -373,19 +373,6 @@ class Trainer:
             plans.update(dict.fromkeys(group, plan))
         return groups, plans
 
-    def _compile_buckets(self) -> None:
-        """Every training bucket's program, compiled side by side before the first step
-        (`Programs.compile_buckets`), where each step's m architectures share a bucket:
-        every training architecture has one. Consumes no data and no draws."""
-        m = self.config.archs.meta_batch_size
-        if not self.groups or not all(s in self.plans for s in self.candidates):
-            return
-        jobs = [(self.plans[g[0]], [g[i % len(g)] for i in range(m)]) for g in self.groups]
-        position = self.train_it.state()
-        batch = self.programs.global_batch(next(self.train_it))
-        self.train_it.restore(position)
-        self.programs.compile_buckets(jobs, self.state["params"], batch)
-
     def _sampler(self):
         archs, m, seed = self.config.archs, self.config.archs.meta_batch_size, self.config.seed
         index = {spec: g for g, group in enumerate(self.groups) for spec in group}
@@ -466,8 +453,6 @@ class Trainer:
         # Processes start at their own pace (imports, data, init); meet before the first
         # collective.
         barrier("train-start")
-        if step < cfg.num_steps:
-            self._compile_buckets()
         with self._signals():
             try:
                 while step < cfg.num_steps:
