@@ -11,13 +11,14 @@ v4-32/v5p-32 slice: each step runs 8 GPT-2s of up to 9 layers, width 256 and a
 50,257-token vocabulary on 16 x 1024 tokens. Time: an estimate, not a
 measurement: ~2 days for 100k steps on 8 H100s. Programs (bucketed path, the
 default): gpts-1k's ranges hold 168 distinct GPT-2s (the pool of 1,000 repeats
-them); they fall into 4 shape buckets cut along the width (padded parameters
-1.3x the real ones), so 4 training programs, plus one evaluation program per
-bucket the held-out GPTs fall in and one for the larger GPT; compiling them is
-an estimate of ~1 min each on a GPU (not measured here: no GPU), where one
-program per architecture took ~1-3 hours; nothing on a rerun with the
-compilation cache. Expect held-out GPTs' predicted parameters to reach a validation
-perplexity far below a random init's (~50k), and to fine-tune faster (eval.py).
+them); they fall into 6 shape buckets cut along the width (padded cost 1.1x
+the real, `ghn.zoo.bucketed.cost`; 1.6x with one bucket), so 6 training
+programs, plus one evaluation program per bucket the held-out GPTs fall in
+and one for the larger GPT; compiling them is an estimate of ~1 min each on
+a GPU (not measured here: no GPU), where one program per architecture took
+~1-3 hours; nothing on a rerun with the compilation cache. Expect held-out
+GPTs' predicted parameters to reach a validation perplexity far below a
+random init's (~50k), and to fine-tune faster (eval.py).
 
 Approximations of the paper's recipe: AdamW lr 3e-4, weight decay 1e-2,
 predicted-parameter decay 3e-5, clip 5, meta-batch 8, cosine schedule, bf16

@@ -13,11 +13,12 @@ parameters to reach well above chance without any training, and to fine-tune
 faster than random init (eval.py).
 
 Programs (bucketed path, the default): the 1,000 ViTs fall into 8 shape
-buckets, 4 per patch size, cut along the head width
-(`ghn.zoo.bucketed.partition`; the padded parameters are ~6x the real ones,
-against 30x for one bucket per patch size), and every step's 8 ViTs come from one
-bucket: 8 training programs in all, plus one evaluation program per bucket the
-20 held-out ViTs fall in and one for the larger ViT. Compiling them is an
+buckets, 4 per patch size, cut along the width (`ghn.zoo.bucketed.partition`;
+padded cost 1.6x the real, `ghn.zoo.bucketed.cost` over the 1,740-ViT space,
+against 3.3x for one bucket per patch size: absent blocks are skipped and heads
+run on sub-heads, so depth and head count pad little), and every step's 8
+ViTs come from one bucket: 8 training programs in all, plus one evaluation
+program per bucket the 20 held-out ViTs fall in and one for the larger ViT. Compiling them is an
 estimate of ~1 min each on a GPU (~10-15 min in all, not measured here: no
 GPU), where one program per architecture took ~1-3 hours; nothing on a rerun
 with the compilation cache. `--config.archs.stream=True` trains on a fresh
