@@ -148,9 +148,8 @@ class Programs:
         # Per-architecture train/eval programs: bounded (ghn/cache.py), or a broad pool
         # exhausts the process's memory mappings.
         self._arch_programs: LRUCache = LRUCache(max_programs)
-        # Host arrays of bucketed architectures (index maps are padded-parameter sized).
-        # A GPT-2's index maps take ~20-40 MB (one int per padded parameter): bounded by
-        # bytes, so a stream over hundreds of architectures keeps a fixed host footprint.
+        # Host arrays of bucketed architectures (graphs, factored index maps: small), bounded
+        # by bytes so a stream over thousands of architectures keeps a fixed host footprint.
         self._bucket_inputs: LRUCache = LRUCache(
             256, weigh=_host_bytes, max_weight=BUCKET_INPUTS_BYTES
         )
