@@ -7,7 +7,9 @@ per-architecture program (m calls) and through the bucketed program of the
 smallest bucket holding it (one call, no padding), on the same GHN, data batch
 and config. Prints JSON lines: median seconds per meta-batch over `--repeats`
 warm calls, their ratio, and the bucketed program's first call (compile included,
-persistent cache empty).
+persistent cache empty); then the same medians for the GHN's prediction alone
+(forward and backward of the predicted parameters' sum of squares), which splits
+each step into prediction and target forward.
 
     python benchmarks/bucketed_step.py --config gpt2_text --archs d7-w240-h2,d4-w88-h1 --m 2
     python benchmarks/bucketed_step.py --config vit_mnist --archs d3-w48-h2,d6-w96-h4
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import re
 import sys
@@ -70,9 +73,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
+    import jax.numpy as jnp
     from common import emit, machine
+    from flax import nnx
 
-    from ghn.train import Trainer
+    from ghn.hypernet import bucketed as hb
+    from ghn.train import Trainer, step
 
     emit({"bench": "bucketed_step", "machine": machine(), "config": args.config})
     trainer = Trainer(_config(args.config), tempfile.mkdtemp())
@@ -104,6 +110,23 @@ def main() -> None:
         jax.block_until_ready(bucketed())
         first = time.perf_counter() - t
         per, buck = _median_s(per_arch, args.repeats), _median_s(bucketed, args.repeats)
+
+        arch, inputs = programs.arch(spec), programs.bucket_inputs(plan, [spec] * m)
+
+        def sum_sq(leaves):
+            return sum(jnp.sum(x * x) for x in jax.tree.leaves(leaves))
+
+        def per_arch_predict(p, arch=arch):
+            return sum_sq(step.predict(programs.ghn_graphdef, p, arch.graph, arch.target))
+
+        def bucketed_predict(p, plan=plan, inputs=inputs):
+            ghn = nnx.merge(programs.ghn_graphdef, p)
+            return sum_sq(jax.vmap(lambda i: hb.predict_padded(ghn, plan, i))(inputs))
+
+        per_pred = jax.jit(jax.value_and_grad(per_arch_predict))
+        buck_pred = jax.jit(jax.value_and_grad(bucketed_predict))
+        per_pred_s = m * _median_s(functools.partial(per_pred, params), args.repeats)
+        buck_pred_s = _median_s(functools.partial(buck_pred, params), args.repeats)
         emit(
             {
                 "bench": "bucketed_step",
@@ -113,6 +136,8 @@ def main() -> None:
                 "bucketed_s": round(buck, 4),
                 "bucketed_over_per_arch": round(per / buck, 3),
                 "bucketed_first_s": round(first, 2),
+                "per_arch_predict_s": round(per_pred_s, 4),
+                "bucketed_predict_s": round(buck_pred_s, 4),
             }
         )
     trainer.close()
