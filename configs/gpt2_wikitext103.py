@@ -14,9 +14,11 @@ default): gpts-1k's ranges hold 168 distinct GPT-2s (the pool of 1,000 repeats
 them); they fall into 6 shape buckets cut along the width (padded cost 1.1x
 the real, `ghn.zoo.bucketed.cost`; 1.6x with one bucket), so 6 training
 programs, plus one evaluation program per bucket the held-out GPTs fall in
-and one for the larger GPT; compiling them is an estimate of ~1 min each on
-a GPU (not measured here: no GPU), where one program per architecture took
-~1-3 hours; nothing on a rerun with the compilation cache. Expect held-out
+and one for the larger GPT. A bucket program compiled in ~21 s on one H200
+for small ViT buckets (BENCHMARKS.md; the blocks are scanned, so the compile
+barely grows with depth): expect a few minutes for all of them, where one
+program per architecture would take ~1 hour over the 168; nothing on a rerun
+with the compilation cache. Expect held-out
 GPTs' predicted parameters to reach a validation perplexity far below a
 random init's (~50k), and to fine-tune faster (eval.py).
 

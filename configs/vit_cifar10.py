@@ -18,10 +18,12 @@ padded cost 1.6x the real, `ghn.zoo.bucketed.cost` over the 1,740-ViT space,
 against 3.3x for one bucket per patch size: absent blocks are skipped and heads
 run on sub-heads, so depth and head count pad little), and every step's 8
 ViTs come from one bucket: 8 training programs in all, plus one evaluation
-program per bucket the 20 held-out ViTs fall in and one for the larger ViT. Compiling them is an
-estimate of ~1 min each on a GPU (~10-15 min in all, not measured here: no
-GPU), where one program per architecture took ~1-3 hours; nothing on a rerun
-with the compilation cache. `--config.archs.stream=True` trains on a fresh
+program per bucket the 20 held-out ViTs fall in and one for the larger ViT. A
+bucket program compiled in ~21 s on one H200 for the MNIST-sized buckets of
+`configs/vit_mnist.py` (BENCHMARKS.md; the blocks are scanned, so the compile
+barely grows with depth): expect a few minutes for all of them, where one
+program per architecture (14 s each there) would take ~4 hours over 1,000
+ViTs; nothing on a rerun with the compilation cache. `--config.archs.stream=True` trains on a fresh
 draw from the same 1,740-ViT space at every step, with the same programs.
 
 Approximations of the paper's recipe: AdamW lr 4e-4, weight decay 1e-2,
