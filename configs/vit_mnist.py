@@ -2,16 +2,14 @@
 
     python train.py --config configs/vit_mnist.py --workdir /tmp/w
 
-Hardware: 2 CPU cores suffice (a laptop or CI runner). Time: 2-4 minutes
-(2 min 33 s measured on 2 cores from a cold compilation cache, ~20 s of it
+Hardware: 2 CPU cores suffice (a laptop or CI runner). Time: under 2 minutes
+(1 min 39 s measured on 2 cores from a cold compilation cache, 21 s of it
 compiling: one bucketed training program serves every ViT of these ranges,
 plus the held-out and larger ViTs' evaluation programs). Every step draws two
 fresh ViTs from the 15 training ViTs of these ranges (`archs.stream`; two more
 are held out). Measured: the task loss of the predicted ViTs falls from ~2.4 to
-1.13 (training accuracy 0.61) over the 800 steps; the held-out ViTs reach 0.60
-and 0.56 accuracy with predicted parameters and no training (0.59 and 0.53, 2
-min 9 s with 3 programs from the persistent cache, with the bucketed forward
-that skips absent blocks and runs heads as sub-heads); the larger ViT
+1.16 (training accuracy 0.60) over the 800 steps; the held-out ViTs reach 0.59
+and 0.57 accuracy with predicted parameters and no training; the larger ViT
 (4 blocks, width 96: past every training width, so it reads decoder columns
 that never trained) stays at chance, 0.10. RESULTS.md ("Default job") has the
 pool and decoder variants. The shipped `vit-mnist` GHN comes from a longer
