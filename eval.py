@@ -20,14 +20,17 @@ the dataset.
 (`ghn.baselines.mimetic_init`: the family's random init with self-attention set
 to query-key ~ +identity, value-output ~ -identity), same recipe and seeds.
 
---temper (default auto) tempers a prediction that is worse than the uniform
-guess on 4 training batches: its output layer is scaled by the alpha in [0, 1]
-that minimizes the loss there (`ghn.calibrate.temper`), so a prediction for
-data or an architecture the GHN does not know starts no worse than chance,
-while every prediction better than chance is left as predicted (tempering a
-good one slows its fine-tuning). --temper=always tempers every prediction,
---temper=never none. The saved parameters are the tempered ones, and the
-tables show the factor (x alpha).
+--temper (default auto) holds a prediction to the random init it replaces: when
+its loss on 4 training batches is above the random init's there, its output
+layer is scaled by the alpha in [0, 1] that minimizes the loss
+(`ghn.calibrate.safeguard`), and when even that is above the random init's (a
+random init can beat the uniform guess: GPT-2's does by ~0.15 nats), it is
+blended toward the random init, b x tempered + (1 - b) x random, with the b in
+[0, 1] of least loss there. Every prediction at least as good as the random init
+is left as predicted (tempering a good one slows its fine-tuning).
+--temper=always tempers every prediction, --temper=never none. The saved
+parameters are the tempered ones, and the tables show the factor (x alpha)
+and the blend weight (blend b).
 
 Writes to --workdir: results.json and results.md (metrics at step 0, N/10, N
 and the speed-up), curves/<arch>.png, curves.json, and predicted/<arch>/ (the
@@ -78,8 +81,9 @@ _TEMPER = flags.DEFINE_enum(
     ["auto", "always", "never"],
     "Temper predictions' output layer on 4 training batches (ghn.calibrate): logits "
     "scaled by the alpha in [0, 1] with the least loss. auto: only predictions worse "
-    "than the uniform guess there (confidently wrong: new data, an architecture far "
-    "from training); always: every prediction; never: none.",
+    "than the random init there (confidently wrong: new data, an architecture far "
+    "from training), blended toward the random init when tempering is not enough "
+    "(ghn.calibrate.safeguard); always: every prediction; never: none.",
 )
 _DATA = flags.DEFINE_string("data", None, "Dataset name; default: the GHN's training data.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Text datasets: sequence length (default: GHN's).")

@@ -1,4 +1,5 @@
-"""Tempering a predicted model's output so its first loss is never worse than chance.
+"""Tempering a predicted model's output so its first loss is never worse than chance
+(`temper`) or than the random init the user already has (`safeguard`).
 
 A GHN's prediction for data it was not trained on (another dataset with the
 same classes, another corpus), or for an architecture far from its training
@@ -11,6 +12,15 @@ loss. alpha = 0 is the uniform prediction (loss ln C, which is where a
 zero-initialized head starts), so the tempered loss on those batches is never
 above it; alpha = 1 leaves a good prediction untouched. Tempering only ever
 lowers confidence, so fine-tuning never starts sharper than the GHN made it.
+
+The bar a user cares about is the initialization they already have, not the
+uniform guess: GPT-2's random init (tied embeddings at std 0.02) predicts the
+current byte slightly and starts ~0.15 nats below ln 256. `safeguard` holds a
+prediction to that bar: untouched when its loss on the batches is at most the
+reference init's; else tempered; and when even the tempered loss is above the
+reference's, blended toward the reference, theta = b * tempered + (1 - b) *
+reference with b on a grid in [0, 1] (b = 0 is the reference itself, so the
+loss on those batches never exceeds the reference's).
 
 The rescaled parameters are found on the model's graph: an output layer with
 its own weights (an untied head: kernel and bias) is scaled directly; a head
@@ -96,8 +106,12 @@ def fit_scale(logits_NxC: np.ndarray, labels_N: np.ndarray, *, max_scale: float 
     return 0.5 * (lo + hi)
 
 
-def _logits_and_labels(model, task: Task, batches) -> tuple[np.ndarray, np.ndarray]:
-    forward = nnx.jit(lambda m, b: task.logits_and_labels(m, b))
+def _forward(task: Task):
+    return nnx.jit(lambda m, b: task.logits_and_labels(m, b))
+
+
+def _logits_and_labels(model, task: Task, batches, forward=None) -> tuple[np.ndarray, np.ndarray]:
+    forward = forward or _forward(task)
     zs, ys = [], []
     for batch in batches:
         z, y = forward(model, jax.tree.map(jnp.asarray, batch))
@@ -119,6 +133,35 @@ def mean_loss(logits_NxC: np.ndarray, labels_N: np.ndarray, alpha: float = 1.0) 
     return float(-np.take_along_axis(log_p, np.asarray(labels_N)[:, None], axis=-1).mean())
 
 
+def _default_input(task: Task, batches: list):
+    if not batches:
+        raise ConfigError("tempering needs at least one batch")
+    b = batches[0]
+    if task.kind == "text":
+        return jax.ShapeDtypeStruct(b["tokens"][:, :-1].shape, jnp.int32)
+    return jax.ShapeDtypeStruct(b["image"].shape, jnp.float32)
+
+
+def _task(task) -> Task:
+    if isinstance(task, str):
+        if task not in ("image", "text"):
+            raise ConfigError(f"task must be 'image' or 'text', got {task!r}")
+        return Task(task)
+    return task
+
+
+def _scale_outputs(model: nnx.Module, example_input, alpha: float) -> None:
+    graph = trace(model, example_input)
+    paths = set(output_scale_paths(graph))
+    # `graph.params` lists the parameters in `nnx.state` flattening order.
+    leaves, treedef = jax.tree_util.tree_flatten(nnx.state(model, nnx.Param))
+    leaves = [
+        v * jnp.asarray(alpha, v.dtype) if path in paths else v
+        for path, v in zip(graph.params, leaves, strict=True)
+    ]
+    nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
+
+
 def temper(
     model: nnx.Module, task, batches: Iterable[dict], *, example_input=None, when: str = "always"
 ) -> float:
@@ -138,36 +181,58 @@ def temper(
     """
     if when not in WHEN:
         raise ConfigError(f"when must be one of {WHEN}, got {when!r}")
-    batches = list(batches)
-    if isinstance(task, str):
-        if task not in ("image", "text"):
-            raise ConfigError(f"task must be 'image' or 'text', got {task!r}")
-        task = Task(task)
-    kind = task.kind
+    batches, task = list(batches), _task(task)
     if example_input is None:
-        if not batches:
-            raise ConfigError("tempering needs at least one batch")
-        b = batches[0]
-        example_input = (
-            jax.ShapeDtypeStruct(b["tokens"][:, :-1].shape, jnp.int32)
-            if kind == "text"
-            else jax.ShapeDtypeStruct(b["image"].shape, jnp.float32)
-        )
-    graph = trace(model, example_input)
-    paths = set(output_scale_paths(graph))
+        example_input = _default_input(task, batches)
     logits_NxC, labels_N = _logits_and_labels(model, task, batches)
     if when == "worse_than_uniform":
         if mean_loss(logits_NxC, labels_N) <= uniform_loss(logits_NxC.shape[-1]):
             return 1.0
     alpha = fit_scale(logits_NxC, labels_N)
-    # `graph.params` lists the parameters in `nnx.state` flattening order.
-    leaves, treedef = jax.tree_util.tree_flatten(nnx.state(model, nnx.Param))
-    leaves = [
-        v * jnp.asarray(alpha, v.dtype) if path in paths else v
-        for path, v in zip(graph.params, leaves, strict=True)
-    ]
-    nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
+    _scale_outputs(model, example_input, alpha)
     return alpha
+
+
+# The blend weights `safeguard` tries (b = 0: the reference init itself).
+BLEND_GRID = tuple(np.linspace(0.0, 1.0, 9))
+
+
+def safeguard(
+    model: nnx.Module, reference: nnx.Module, task, batches: Iterable[dict], *, example_input=None
+) -> tuple[float, float]:
+    """Holds `model` (a prediction) to `reference`'s loss on `batches`, in place.
+
+    `reference` is the initialization the user would otherwise start from (the
+    architecture's random init), with the same parameter tree. Returns (alpha, b):
+    alpha the output layer's temperature factor (1: untouched), b the weight of the
+    tempered prediction in the blend with the reference (1: no blend). See the module
+    docstring; the loss on `batches` after this is at most the reference's.
+    """
+    batches, task = list(batches), _task(task)
+    if example_input is None:
+        example_input = _default_input(task, batches)
+    forward = _forward(task)  # one program for every model of this tree and shapes
+    logits_NxC, labels_N = _logits_and_labels(model, task, batches, forward)
+    bar = mean_loss(*_logits_and_labels(reference, task, batches, forward))
+    if mean_loss(logits_NxC, labels_N) <= bar:
+        return 1.0, 1.0
+    alpha = fit_scale(logits_NxC, labels_N)
+    _scale_outputs(model, example_input, alpha)
+    if mean_loss(logits_NxC, labels_N, alpha) <= bar:
+        return alpha, 1.0
+    tempered = nnx.state(model, nnx.Param)
+    ref = nnx.state(reference, nnx.Param)
+
+    def blend(b):
+        return jax.tree.map(lambda p, r: (b * p + (1.0 - b) * r).astype(p.dtype), tempered, ref)
+
+    losses = []
+    for b in BLEND_GRID:
+        nnx.update(model, blend(b))
+        losses.append(mean_loss(*_logits_and_labels(model, task, batches, forward)))
+    b = float(BLEND_GRID[int(np.argmin(losses))])
+    nnx.update(model, blend(b))
+    return alpha, b
 
 
 def uniform_loss(num_classes: int) -> float:

@@ -34,7 +34,7 @@ from flax import nnx
 
 from ghn import zoo
 from ghn.baselines import baseline_init, check_baseline
-from ghn.calibrate import temper
+from ghn.calibrate import safeguard, temper
 from ghn.errors import ConfigError, GHNError
 from ghn.hub import train_config_of
 from ghn.hypernet.predict import prepare
@@ -333,8 +333,10 @@ class Result:
     metric: str
     curves: dict[str, Curve]
     predicted_params: Any = None  # nnx.State of the predicted init (before fine-tuning)
-    # Per tempered init: the factor its output layer was scaled by (`ghn.calibrate`).
+    # Per tempered init: the factor its output layer was scaled by (`ghn.calibrate`), and
+    # the weight it kept when it was blended toward the random init (`safeguard`).
     output_scales: dict[str, float] = dataclasses.field(default_factory=dict)
+    blends: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def rows(self) -> list[dict[str, Any]]:
         """One table row per initialization: metrics at 0, N/10 and N, and the speed-up."""
@@ -355,6 +357,8 @@ class Result:
             row["reached"] = init == "random" or row["speedup"] is not None
             if init in self.output_scales:
                 row["output_scale"] = self.output_scales[init]
+            if self.blends.get(init, 1.0) < 1.0:
+                row["blend"] = self.blends[init]
             out.append(row)
         return out
 
@@ -369,24 +373,29 @@ def predict_model(hyper, spec: ArchSpec, setup: Setup, seed: int = 0) -> tuple[n
 
 # Training batches the output layer of a prediction is tempered on (`ghn.calibrate`).
 TEMPER_BATCHES = 4
-# When predictions are tempered: "auto" only those worse than the uniform guess on
-# those batches (`ghn.calibrate.temper(when="worse_than_uniform")`).
+# When predictions are tempered: "auto" only those worse than the random init on those
+# batches, and blended toward it when tempering is not enough (`ghn.calibrate.safeguard`).
 TEMPER_MODES = ("auto", "always", "never")
 
 
 def temper_prediction(
     model: nnx.Module, spec: ArchSpec, setup: Setup, recipe: Recipe, mode: str
-) -> float | None:
+) -> tuple[float, float] | None:
     """Tempers `model`'s output layer on the first training batches of `recipe`'s order
-    (per `mode`, one of `TEMPER_MODES`); the factor, or None with mode "never"."""
+    (per `mode`, one of `TEMPER_MODES`; "auto" holds it to the random init of
+    `recipe.seed` there, `ghn.calibrate.safeguard`); (alpha, blend weight b), or None
+    with mode "never"."""
     if mode not in TEMPER_MODES:
         raise ValueError(f"temper must be one of {TEMPER_MODES}, got {mode!r}")
     if mode == "never":
         return None
     it = setup.train_iterator(recipe)
     batches = [next(it) for _ in range(TEMPER_BATCHES)]
-    when = "always" if mode == "always" else "worse_than_uniform"
-    return temper(model, setup.task, batches, example_input=setup.input_spec(spec), when=when)
+    x = setup.input_spec(spec)
+    if mode == "always":
+        return temper(model, setup.task, batches, example_input=x, when="always"), 1.0
+    reference = spec.build(rngs=nnx.Rngs(recipe.seed))
+    return safeguard(model, reference, setup.task, batches, example_input=x)
 
 
 def compare(
@@ -412,12 +421,12 @@ def compare(
     Each name in `baselines` (`ghn.baselines.BASELINES`, e.g. "mimetic") adds
     that closed-form init, built from the same random init with the same seed.
 
-    `temper_mode` "auto" (the default) tempers a GHN's prediction's output layer first
-    only when its loss there is above the uniform guess's and leaves the others as
-    predicted; "always" tempers every GHN's prediction's output layer first
-    (`ghn.calibrate`: logits scaled by the alpha in [0, 1] that minimizes the loss
-    on `TEMPER_BATCHES` training batches), so a confidently wrong prediction
-    starts no worse than the uniform one; "never" leaves every prediction as is.
+    `temper_mode` "auto" (the default) holds a GHN's prediction to the random init on
+    `TEMPER_BATCHES` training batches (`ghn.calibrate.safeguard`: untouched when no
+    worse there, else its output layer tempered, then blended toward the random init
+    if still worse); "always" tempers every GHN's prediction's output layer
+    (`ghn.calibrate.temper`: logits scaled by the alpha in [0, 1] that minimizes the
+    loss there); "never" leaves every prediction as is.
     """
     spec = setup.fit(spec)
     for name in baselines:
@@ -426,9 +435,10 @@ def compare(
     curves: dict[str, Curve] = {}
     scales: dict[str, float] = {}
     model, predicted = predict_model(hyper, spec, setup, recipe.seed)
-    scale = temper_prediction(model, spec, setup, recipe, temper_mode)
-    if scale is not None:
-        scales["predicted"] = scale
+    blends: dict[str, float] = {}
+    tempered = temper_prediction(model, spec, setup, recipe, temper_mode)
+    if tempered is not None:
+        scales["predicted"], blends["predicted"] = tempered
         predicted = nnx.state(model, nnx.Param)
     predicted_copy = jax.tree.map(jnp.copy, predicted)
     curves["predicted"] = finetune(
@@ -443,9 +453,9 @@ def compare(
         )
     for name, other in (baseline_ghns or {}).items():
         model, _ = predict_model(other, spec, setup, recipe.seed)
-        scale = temper_prediction(model, spec, setup, recipe, temper_mode)
-        if scale is not None:
-            scales[name] = scale
+        tempered = temper_prediction(model, spec, setup, recipe, temper_mode)
+        if tempered is not None:
+            scales[name], blends[name] = tempered
         curves[name] = finetune(
             model, setup, recipe, init=name, progress=progress, eval_data=eval_data
         )
@@ -460,7 +470,7 @@ def compare(
     curves["random"] = finetune(
         model, setup, recipe, init="random", progress=progress, eval_data=eval_data
     )
-    return Result(spec, num_params, setup.task.metric, curves, predicted_copy, scales)
+    return Result(spec, num_params, setup.task.metric, curves, predicted_copy, scales, blends)
 
 
 def check_fits(hyper, spec: ArchSpec, setup: Setup, label: str = "the") -> None:
@@ -640,16 +650,23 @@ def format_value(v: Any, digits: int = 3) -> str:
 TEMPER_NOTES = {
     "always": " Predicted inits have their output layer tempered on 4 training batches"
     " (`ghn.calibrate`; the factor is shown as x alpha when below 1).",
-    "auto": " Predicted inits worse than the uniform guess on 4 training batches have"
-    " their output layer tempered there (`ghn.calibrate`; shown as x alpha).",
+    "auto": " Predicted inits worse than the random init on 4 training batches have"
+    " their output layer tempered there (`ghn.calibrate.safeguard`; shown as x alpha),"
+    " and are blended toward the random init when that is not enough (shown as"
+    " blend b: b x tempered + (1 - b) x random).",
     "never": "",
 }
 
 
 def init_label(row: dict[str, Any]) -> str:
-    """The init's name, with its tempering factor when it was scaled down."""
-    scale = row.get("output_scale")
-    return row["init"] if scale is None or scale >= 1.0 else f"{row['init']} x{scale:.2f}"
+    """The init's name, with its tempering factor when it was scaled down and its blend
+    weight when it was blended toward the random init."""
+    scale, label = row.get("output_scale"), row["init"]
+    if scale is not None and scale < 1.0:
+        label += f" x{scale:.2f}"
+    if "blend" in row:
+        label += f" blend {row['blend']:.3g}"
+    return label
 
 
 def format_row(row: dict[str, Any], metric: str) -> str:

@@ -12,7 +12,7 @@ from flax import nnx
 from tolerances import assert_close, transformer_reduction
 
 from ghn import zoo
-from ghn.calibrate import fit_scale, output_scale_paths, temper
+from ghn.calibrate import BLEND_GRID, fit_scale, mean_loss, output_scale_paths, safeguard, temper
 from ghn.errors import ConfigError
 from ghn.graph import trace
 from ghn.tasks import Task
@@ -147,3 +147,54 @@ def test_worse_than_uniform_tempers_only_predictions_worse_than_chance():
     assert 0.0 <= alpha < 1.0
     with pytest.raises(ConfigError, match="when"):
         temper(model, "image", wrong, when="sometimes")
+
+
+def _loss(model, batches) -> float:
+    z = np.concatenate([np.asarray(model(jnp.asarray(b["image"]))) for b in batches])
+    return mean_loss(z, np.concatenate([b["label"] for b in batches]))
+
+
+def test_safeguard_holds_a_prediction_to_the_reference_init():
+    """eval.py's default: untouched when no worse than the reference init; tempered when
+    that suffices; blended toward the reference when the reference beats the uniform
+    guess and tempering cannot reach it. The loss on the batches never ends above the
+    reference's."""
+    rng = np.random.default_rng(3)
+    images = [rng.normal(size=(16, 8, 8, 3)).astype(np.float32) for _ in range(3)]
+
+    def fresh(seed):
+        return perturbed(vit()[1], seed)
+
+    model = fresh(0)
+    logits = [np.asarray(model(jnp.asarray(x))) for x in images]
+    right = [{"image": x, "label": z.argmax(-1)} for x, z in zip(images, logits, strict=True)]
+    wrong = [{"image": x, "label": z.argmin(-1)} for x, z in zip(images, logits, strict=True)]
+
+    # Better than the reference (the zoo's zero-head init: exactly ln C): bitwise untouched.
+    reference = vit()[1]
+    assert _loss(reference, right) == pytest.approx(math.log(5), abs=1e-6)
+    before = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    assert safeguard(model, reference, "image", right) == (1.0, 1.0)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model)), before)
+
+    # Worse than a chance-level reference: tempering reaches it, no blend.
+    alpha, b = safeguard(model, reference, "image", wrong)
+    assert 0.0 <= alpha < 1.0 and b == 1.0
+    assert _loss(model, wrong) <= math.log(5) + 1e-6
+
+    # A reference better than chance on these labels (the model whose argmax they are),
+    # and a prediction that is the same model with its logits negated and sharpened
+    # (confidently wrong): tempering stops at ln C, above the reference, so the
+    # prediction is blended toward it.
+    good = fresh(0)
+    bar = _loss(good, right)
+    assert bar < math.log(5)
+    bad = fresh(0)
+    bad.head.kernel[...] = -3.0 * bad.head.kernel[...]
+    bad.head.bias[...] = -3.0 * bad.head.bias[...]
+    assert _loss(bad, right) > math.log(5)
+    alpha, b = safeguard(bad, good, "image", right)
+    assert alpha < 1.0 and b < 1.0 and b in BLEND_GRID
+    # safeguard compares losses of its jitted forward, `_loss` runs eagerly: float32
+    # round-off of a loss ~1 over 5 classes and a 2-block forward, far below any gap.
+    assert _loss(bad, right) <= bar + 1e-5

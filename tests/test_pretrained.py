@@ -41,8 +41,9 @@ def validation_metrics(model, setup, batches: int) -> dict[str, float]:
 
 
 def default_and_random(hyper, spec, setup) -> tuple[dict, dict]:
-    """Step-0 metrics of the prediction as eval.py uses it by default (tempered when worse
-    than the uniform guess on 4 training batches) and of the random init, on 300 examples."""
+    """Step-0 metrics of the prediction as eval.py uses it by default (held to the random
+    init on 4 training batches, `ghn.calibrate.safeguard`) and of the random init, on 300
+    examples."""
     model, _ = evaluate.predict_model(hyper, spec, setup)
     evaluate.temper_prediction(model, spec, setup, evaluate.Recipe(), "auto")
     predicted = validation_metrics(model, setup, batches=3)
