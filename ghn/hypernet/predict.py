@@ -407,6 +407,27 @@ def _host_view(member: _Member, h_2rxk: np.ndarray, basis: _Basis, memo: dict) -
     return np.einsum("Rr,Cr->RC", a_Oxr, bt_Ixr)
 
 
+def _view_vector_factors(items: list, basis: _Basis, memo: dict) -> None:
+    """Fills `memo` (as `_host_view` keys it) with the B factors of the view's vectors
+    (`items`: (member, its node's float64 H)): one BLAS product per vector size over every
+    node's rows of Z, instead of one einsum per row and node. GPT-2 Large's 290 vectors:
+    0.28 s of einsums in a warm call, 0.7 s in the first."""
+    r, k_max = basis.config.rank, basis.config.max_dim
+    by_size: dict[int, dict] = {}
+    for member, h_2rxk in items:
+        n = member.info.size
+        key = (id(h_2rxk), r, n)
+        if key not in memo:
+            by_size.setdefault(n, {})[key] = h_2rxk
+    for n, group in by_size.items():
+        span, width = view_span(n, r, k_max)
+        flat = min(n, k_max) * r
+        h_Mxk = np.stack([h[r + j] for h in group.values() for j in range(span)])
+        z_GxF = (h_Mxk @ basis.columns(width)).reshape(len(group), span * width)[:, :flat]
+        for (key, h), z_F in zip(group.items(), z_GxF, strict=True):
+            memo[key] = h, view_read(z_F, n, r, k_max)
+
+
 def _finish_on_host(member: _Member, out: np.ndarray, basis: _Basis, memo=None) -> np.ndarray:
     """A parameter from its decoded output (the transpose: a vector's row u_k or a matrix's
     core C_kxk; the view: its node's H_2rxk), on the host.
@@ -872,14 +893,17 @@ def predict_staged(ghn, prepared: Prepared, shardings=None) -> list[jax.Array]:
             else:
                 sh = None if shardings is None else shardings[m.leaf]
                 leaves[m.leaf] = writes[m.write, sh].fn(out[i], *m.operands)
-    fetched, values, memo = {}, [], {}
+    fetched, inputs, memo = {}, [], {}
     for m, out, i in host:
         if isinstance(out, tuple):  # one array per parameter or node
             out, i = out[i], None
         if id(out) not in fetched:
             fetched[id(out)] = np.asarray(out, np.float64)
         x = fetched[id(out)]
-        values.append(_finish_on_host(m, x if i is None else x[i], basis, memo))
+        inputs.append((m, x if i is None else x[i]))
+    if basis.view:
+        _view_vector_factors([(m, h) for m, h in inputs if m.vrow is not None], basis, memo)
+    values = [_finish_on_host(m, x, basis, memo) for m, x in inputs]
     sh = None if shardings is None else [shardings[m.leaf] for m, _, _ in host]
     for (m, _, _), value in zip(host, jax.device_put(values, sh), strict=True):
         leaves[m.leaf] = value
