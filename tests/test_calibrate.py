@@ -125,8 +125,8 @@ def test_temper_scales_the_logits_exactly_and_never_raises_the_loss(family):
 
 
 def test_worse_than_uniform_tempers_only_predictions_worse_than_chance():
-    """eval.py's default: a confidently wrong prediction is tempered; one better than the
-    uniform guess keeps every parameter, bitwise."""
+    """A confidently wrong prediction is tempered; one better than the uniform guess keeps
+    every parameter, bitwise."""
     rng = np.random.default_rng(2)
     _, model = vit()
     model = perturbed(model, 0)

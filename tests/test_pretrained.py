@@ -93,15 +93,15 @@ def test_gpt2_text_decodes_the_gpt2_presets_with_bytes():
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_ghn_starts_no_worse_than_random_on_a_larger_architecture(name):
     """The training run's "larger" architecture (1.5x deeper and wider than any in
-    training): the prediction as eval.py uses it by default (tempered when worse than the
-    uniform guess on 4 training batches) is no worse than random init at step 0."""
+    training): the prediction as eval.py uses it by default (held to the random init on 4
+    training batches, `ghn.calibrate.safeguard`) is no worse than random init at step 0."""
     hyper, info = ghn.load(name, with_info=True)
     setup = evaluate.Setup.from_ghn_info(info)
     spec = setup.fit(evaluate.training_pools(info).larger[0])
     predicted, random = default_and_random(hyper, spec, setup)
     # ViT: random init is the zero head's ln 10; measured: raw prediction 3.77, tempered
     # (alpha 0.021) 2.3032 against 2.3026. A tempered prediction is at most the uniform
-    # guess on the 4 training batches; at alpha near 0 its loss on other digits differs
+    # guess (= this random init) on the 4 training batches; at alpha near 0 its loss on other digits differs
     # from ln 10 by about alpha times the logits' spread, well under 0.01. GPT: measured
     # 3.733 (untempered: better than uniform) against 5.340.
     assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
@@ -111,8 +111,8 @@ def test_shipped_ghn_starts_no_worse_than_random_on_a_larger_architecture(name):
 def test_shipped_ghn_starts_no_worse_than_random_on_data_it_never_saw(name, data):
     """Other data of the same shapes (`digits28`: other writers, scanner and resolution than
     MNIST's; `python_source`: code instead of English help texts): the held-out
-    architecture's prediction as eval.py uses it by default (tempered when worse than the
-    uniform guess on 4 training batches) is no worse than random init at step 0."""
+    architecture's prediction as eval.py uses it by default (held to the random init on 4
+    training batches, `ghn.calibrate.safeguard`) is no worse than random init at step 0."""
     hyper, info = ghn.load(name, with_info=True)
     setup = evaluate.Setup.from_ghn_info(info, data)
     spec = setup.fit(heldout_spec(info))
