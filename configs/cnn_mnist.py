@@ -2,9 +2,10 @@
 
     python train.py --config configs/cnn_mnist.py --workdir /tmp/cnn_mnist
 
-Hardware: 2 CPU cores suffice. Time: 15.5 minutes measured on 2 CPU cores
-(2.5 of them shared with another job), 4 of them compiling: cell networks have no bucketed form (their graphs differ in
-which operations they hold and how they connect, not only in sizes), so each
+Hardware: 2 CPU cores suffice. Time: 15.5 minutes measured on 2 Intel Xeon cores
+(2.5 of them shared with another job), 4 of them compiling: cell networks have
+no bucketed form (their graphs differ in which operations they hold and how
+they connect, not only in sizes), so each
 of the 16 training and 3 evaluation networks compiles its own program.
 Measured: the task loss of the predicted networks falls from ~2.3 to 1.30
 (training accuracy 0.56) over the 1,500 steps; the two held-out networks reach

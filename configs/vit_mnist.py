@@ -3,7 +3,7 @@
     python train.py --config configs/vit_mnist.py --workdir /tmp/w
 
 Hardware: 2 CPU cores suffice (a laptop or CI runner). Time: under 2 minutes
-(1 min 39 s measured on 2 cores from a cold compilation cache, 21 s of it
+(1 min 39 s measured on 2 Intel Xeon cores from a cold compilation cache, 21 s of it
 compiling: one bucketed training program serves every ViT of these ranges,
 plus the held-out and larger ViTs' evaluation programs). Every step draws two
 fresh ViTs from the 15 training ViTs of these ranges (`archs.stream`; two more

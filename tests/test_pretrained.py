@@ -101,9 +101,9 @@ def test_shipped_ghn_starts_no_worse_than_random_on_a_larger_architecture(name):
     predicted, random = default_and_random(hyper, spec, setup)
     # ViT: random init is the zero head's ln 10; measured: raw prediction 3.77, tempered
     # (alpha 0.021) 2.3032 against 2.3026. A tempered prediction is at most the uniform
-    # guess (= this random init) on the 4 training batches; at alpha near 0 its loss on other digits differs
-    # from ln 10 by about alpha times the logits' spread, well under 0.01. GPT: measured
-    # 3.733 (untempered: better than uniform) against 5.340.
+    # guess (= this random init) on the 4 training batches; at alpha near 0 its loss on
+    # other digits differs from ln 10 by about alpha times the logits' spread, well under
+    # 0.01. GPT: measured 3.733 (untempered: better than uniform) against 5.340.
     assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
 
 
