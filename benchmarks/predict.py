@@ -9,6 +9,9 @@ call and warm call, `second_over_warm`); and, afterwards, the seconds the family
 own random init of the same model takes.
 
     python benchmarks/predict.py [preset ...] [--config tiny] [--factors view|transpose]
+
+A preset name with ":untied" (e.g. gpt2-large:untied) predicts that GPT-2 with its own
+output head instead of the tied token embedding (GPT-2 Large: 838M parameters).
 """
 
 import json
@@ -62,12 +65,18 @@ def first_and_warm(spec):
     return model, params, t_trace.seconds, t_first.seconds, done, t_warm.seconds, rss
 
 
-spec = ghn.zoo.get(name)
+def get(name):
+    base, _, variant = name.partition(":")
+    spec = ghn.zoo.get(base)
+    return spec.replace(tie_embeddings=False) if variant == "untied" else spec
+
+
+spec = get(name)
 model, params, trace_s, first_s, done, warm_s, rss = first_and_warm(spec)
 programs = sum(compiled)
 nbytes = sum(v.nbytes for v in jax.tree.leaves(params))
 del params
-_, params2, _, second_first, _, second_warm, _ = first_and_warm(ghn.zoo.get(second))
+_, params2, _, second_first, _, second_warm, _ = first_and_warm(get(second))
 del params2
 peak_lifetime = peak_rss_mb()
 with Timer() as t_random:
@@ -103,7 +112,16 @@ def main():
     for name in args or PRESETS:
         # The process's start as the parent saw it: psutil's create_time counts from the
         # boot time in whole seconds (/proc/stat), up to 1 s off.
-        cmd = [sys.executable, "-c", CHILD, name, SECOND[name], size, factors, repr(time.time())]
+        cmd = [
+            sys.executable,
+            "-c",
+            CHILD,
+            name,
+            SECOND[name.partition(":")[0]],
+            size,
+            factors,
+            repr(time.time()),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(json.dumps({"bench": "predict", "preset": name, "error": out.stderr[-3000:]}))

@@ -62,10 +62,9 @@ def test_many_predicted_architectures_keep_the_mapping_count_bounded(monkeypatch
     # Measured: each compiled XLA:CPU program with JIT-ed code holds hundreds of mappings,
     # and the cache used to keep all of them; Linux stops a process at 65,530. Each width
     # below makes new layouts. The tiled decoder compiles a decoding program per layout
-    # (~300 mappings per architecture here). The low-rank decoder compiles only write
-    # programs per layout: the transpose's are GEMMs (library calls, no JIT-ed code: ~1
-    # mapping for 10 widths), the view's also read and rescale its factors (~15 mappings a
-    # program, ~950 for 10 widths against ~3,000 tiled; measured).
+    # (~300 mappings per architecture here). The low-rank decoder compiles no program per
+    # layout on CPU (float32 matrices are written by host BLAS; on an accelerator, one
+    # write program per layout).
     config = ghn.GHNConfig(d_model=16, num_layers=1, num_heads=2, rank=4, max_dim=1024)
     tiled = ghn.GHN(config.replace(decoder="tiled"), rngs=nnx.Rngs(0))
 
@@ -84,7 +83,7 @@ def test_many_predicted_architectures_keep_the_mapping_count_bounded(monkeypatch
     assert unbounded > 1000, unbounded
     assert bounded < unbounded / 10, (bounded, unbounded)
     view = growth(ghn.GHN(config, rngs=nnx.Rngs(0)), LRUCache(10**6), range(0, 11))
-    assert view < unbounded / 2, (view, unbounded)
+    assert view < unbounded / 10, (view, unbounded)
     transpose = ghn.GHN(config.replace(factors="transpose"), rngs=nnx.Rngs(0))
     gemms = growth(transpose, LRUCache(10**6), range(0, 11))
     assert gemms < unbounded / 10, (gemms, unbounded)

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tolerances import assert_close, assert_trees_close, predict_reduction
 
 import ghn
-from ghn import zoo
+from ghn import hostmem, zoo
 from ghn.graph import ExampleInputError, ParamInfo
 from ghn.hypernet import make_plan, residual_projections
 from ghn.hypernet import predict as predict_lib
@@ -245,12 +245,20 @@ def _one_program(hyper, model, x):
     return jax.tree_util.tree_unflatten(prepared.treedef, fn(state, prepared.batch))
 
 
+@pytest.fixture(params=[True, False], ids=["host_writes", "device_writes"])
+def write_on_host(request, monkeypatch):
+    """Matrices written by host BLAS (what CPU outputs get) or by a compiled write program
+    per layout (what accelerators run), both checked here on CPU."""
+    monkeypatch.setattr(predict_lib, "WRITE_ON_HOST", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("factors", ["view", "transpose"])
 @pytest.mark.parametrize("name", ["cnn", "mixer", "gpt2", "vit"])
-def test_staged_prediction_equals_the_one_program(hypers, name, factors):
+def test_staged_prediction_equals_the_one_program(hypers, name, factors, write_on_host):
     """Conv layouts, dense kernels in both orders, embeddings, 1-D parameters (finished on
-    the host) and matrices (decoded 8 to a call, padded) all land on their own leaves,
-    with either factor form."""
+    the host) and matrices (decoded 8 to a call, padded; written on the host or by write
+    programs) all land on their own leaves, with either factor form."""
     hyper = hypers[factors]
     if name in ("gpt2", "vit"):
         spec = {
@@ -287,9 +295,11 @@ def counting_compiles(mp) -> list[int]:
 
 
 @pytest.mark.parametrize("factors", ["view", "transpose"])
-def test_programs_follow_layouts_not_depth(hypers, factors):
+def test_programs_follow_layouts_not_depth(hypers, factors, monkeypatch):
     """A deeper model of the same width compiles no new decoding program: matrices are
-    decoded 8 to a call whatever their layout, then written by one program per layout."""
+    decoded 8 to a call whatever their layout, then written by one program per layout
+    (the device writes, as on an accelerator)."""
+    monkeypatch.setattr(predict_lib, "WRITE_ON_HOST", False)
     hyper = hypers[factors]
     with pytest.MonkeyPatch.context() as mp:
         compiled = counting_compiles(mp)
@@ -310,10 +320,12 @@ def test_programs_follow_layouts_not_depth(hypers, factors):
 
 
 @pytest.mark.parametrize("factors", ["view", "transpose"])
-def test_a_new_width_compiles_only_its_write_programs(hypers, factors):
-    """The second width of a family in a process compiles one small write program per matrix
-    layout it has not met, and nothing else: no encoder (same graph), no decoding program
-    (those serve every width), nothing for its 1-D parameters (finished on the host)."""
+def test_a_new_width_compiles_only_its_write_programs(hypers, factors, monkeypatch):
+    """On an accelerator (the device writes), the second width of a family in a process
+    compiles one small write program per matrix layout it has not met, and nothing else: no
+    encoder (same graph), no decoding program (those serve every width), nothing for its
+    1-D parameters (finished on the host)."""
+    monkeypatch.setattr(predict_lib, "WRITE_ON_HOST", False)
     hyper = hypers[factors]
     first, second = gpt_of(3, width=40), gpt_of(3, width=56)
     with pytest.MonkeyPatch.context() as mp:
@@ -328,6 +340,29 @@ def test_a_new_width_compiles_only_its_write_programs(hypers, factors):
         jax.block_until_ready(hyper.predict(*second))
         assert compiled[1] == len(new), compiled
         assert all((k, None) in predict_lib.LEAF_PROGRAMS for k in new)
+
+
+@pytest.mark.parametrize("factors", ["view", "transpose"])
+def test_on_cpu_a_new_width_compiles_nothing(hypers, factors):
+    """With CPU outputs every float32 matrix is written by host BLAS into a buffer JAX
+    adopts as is: a second width of a family (same graph size) compiles no program at all,
+    and the outputs alias those buffers (no second copy of the prediction)."""
+    hyper = hypers[factors]
+    assert predict_lib._writes_on_host(None)
+    with pytest.MonkeyPatch.context() as mp:
+        compiled = counting_compiles(mp)
+        jax.block_until_ready(hyper.predict(*gpt_of(3, width=48)))
+        params = jax.block_until_ready(hyper.predict(*gpt_of(3, width=72)))
+        assert compiled[1] == 0, compiled
+    kernel = params["blocks"][0]["mlp"]["c_fc"]["kernel"][...]
+    assert kernel.shape == (72, 288)
+    base = kernel.unsafe_buffer_pointer()
+    assert base % hostmem.ALIGN == 0
+    # A buffer of this size holds no huge page (HUGE_MIN), so it starts 64-byte aligned;
+    # the big ones start on a 2 MB boundary.
+    big = hostmem.empty((1024, 2048), np.float32)
+    assert big.ctypes.data % hostmem.HUGE_PAGE == 0 and big.flags.c_contiguous
+    assert jax.device_put(big).unsafe_buffer_pointer() == big.ctypes.data
 
 
 @pytest.mark.parametrize("rows, cols", [(5, 7), (48, 31), (70, 100)])

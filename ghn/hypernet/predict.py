@@ -18,7 +18,9 @@ W = P[:, :rows]^T C P[:, :cols] with an (r+1) x (r+1) core C (`basis_cores`,
 `write_basis`); with the view (the default) Z = H P for H = [ReLU(M), 1] of the
 parameter's node (`view_hidden`), and each layout's program reads A and B^T out
 of Z's rows (`write_view`). Vectors and one-row matrices are finished on the
-host (tested equal to the first form).
+host, and so is every float32 matrix when the outputs live on CPU devices (one
+BLAS GEMM into a buffer JAX adopts without a copy, `host_factors`: nothing to
+compile per layout), tested equal to the first form.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ghn import hostmem
 from ghn.cache import LRUCache
 from ghn.graph import Graph, ParamInfo, trace
 from ghn.hypernet.batch import GraphBatch, make_batch
@@ -196,6 +199,19 @@ def write_factors(layout: ParamInfo, lhs, rhs, dtype) -> jax.Array:
         return w.reshape(layout.shape)
     w = jnp.einsum("ohr,riw->oihw", lhs.reshape(c_out, kh, k), rhs.reshape(k, c_in, kw))
     return layout.from_canonical(w).astype(dtype)
+
+
+def host_factors(layout: ParamInfo, lhs: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """`write_factors` on the host for float32 operands and a float32 parameter: one BLAS
+    GEMM into a buffer that JAX on CPU adopts without a copy (`ghn.hostmem`)."""
+    out = hostmem.empty(layout.shape, np.float32)
+    if _dense(layout) is not None:
+        np.matmul(lhs, rhs, out=out.reshape(lhs.shape[0], rhs.shape[1]))
+        return out
+    c_out, c_in, kh, kw = layout.canonical_shape
+    w = (lhs @ rhs).reshape(c_out, kh, c_in, kw).transpose(0, 2, 1, 3)
+    out[...] = layout.from_canonical(w)
+    return out
 
 
 def _gemm_operands(layout: ParamInfo, a_Oxk, b_kxI) -> tuple:
@@ -428,6 +444,27 @@ def _view_vector_factors(items: list, basis: _Basis, memo: dict) -> None:
             memo[key] = h, view_read(z_F, n, r, k_max)
 
 
+def _host_matrix(member: _Member, out: np.ndarray, basis: _Basis) -> np.ndarray:
+    """What a matrix's write program computes (`write_view`, `write_basis`), on the host in
+    float32 BLAS from its decoded output (the view: its node's H; the transpose: its
+    rescaled core, transposed for a kernel stored (in, out))."""
+    info = member.info
+    rows, cols = _matrix_dims(info)
+    if not basis.view:
+        first, second = (cols, rows) if _dense(info) == "io" else (rows, cols)
+        lhs = basis.columns32(first).T @ out.astype(np.float32)
+        return host_factors(info, lhs, basis.columns32(second))
+    r, k_max = basis.config.rank, basis.config.max_dim
+    (za, na), (zb, nb) = view_span(rows, r, k_max), view_span(cols, r, k_max)
+    h_2rxk = out.astype(np.float32)
+    # Both factors' rows of Z in one GEMM, as `write_view` computes them.
+    z_zxn = np.concatenate([h_2rxk[:za], h_2rxk[r : r + zb]]) @ basis.columns32(max(na, nb))
+    a_Oxr, bt_Ixr = view_read(z_zxn[:za], rows, r, k_max), view_read(z_zxn[za:], cols, r, k_max)
+    sq = np.sum((a_Oxr.T @ a_Oxr) * (bt_Ixr.T @ bt_Ixr), dtype=np.float64)
+    a_Oxr = a_Oxr * np.float32(_rescale(member.scale, sq, rows * cols))
+    return host_factors(info, *_gemm_operands(info, a_Oxr, bt_Ixr.T))
+
+
 def _finish_on_host(member: _Member, out: np.ndarray, basis: _Basis, memo=None) -> np.ndarray:
     """A parameter from its decoded output (the transpose: a vector's row u_k or a matrix's
     core C_kxk; the view: its node's H_2rxk), on the host.
@@ -437,6 +474,8 @@ def _finish_on_host(member: _Member, out: np.ndarray, basis: _Basis, memo=None) 
     (float64, then the parameter's dtype). `memo`: what the parameters of one call to
     `predict_staged` share (shared only when `out` is already float64).
     """
+    if member.vrow is None and not _on_host(*_matrix_dims(member.info)):
+        return _host_matrix(member, out, basis)
     finish = _host_view if basis.view else _host_transpose
     memo = {} if memo is None else memo
     value = finish(member, out.astype(np.float64, copy=False), basis, memo)
@@ -487,6 +526,7 @@ class _Basis:
             self.p_kxK = np.concatenate(p)
         self._device: dict = {}
         self._grams: dict = {}
+        self._columns32: dict = {}
         self.runs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def matches(self, leaves: list) -> bool:
@@ -498,6 +538,12 @@ class _Basis:
         """P[:, :n] (float64); past K column j reuses column j mod K, as `decoder._columns`."""
         k_max = self.p_kxK.shape[1]
         return self.p_kxK[:, :n] if n <= k_max else self.p_kxK[:, np.arange(n) % k_max]
+
+    def columns32(self, n: int) -> np.ndarray:
+        """P[:, :n] in float32, C-contiguous (the host's GEMMs); kept per width."""
+        if n not in self._columns32:
+            self._columns32[n] = np.ascontiguousarray(self.columns(n), np.float32)
+        return self._columns32[n]
 
     def gram(self, n: int) -> np.ndarray:
         if n not in self._grams:
@@ -585,6 +631,24 @@ def _write_key(plan: Plan, leaf: int, config) -> WriteKey | ViewWriteKey:
     return WriteKey(layout, plan.dtypes[leaf])
 
 
+# Where `predict_staged` writes float32 matrices: None picks by where they go (the host
+# when every output lives on a CPU device), True / False force it (tests compare both).
+WRITE_ON_HOST: bool | None = None
+
+
+def _writes_on_host(shardings) -> bool:
+    """Whether matrices are written on the host: with XLA:CPU the outputs live in host
+    memory either way, and a float32 BLAS GEMM into a buffer JAX adopts (`host_factors`)
+    costs what a write program does without compiling one per layout (~0.1-0.5 s each
+    on 2 cores: a new width of a family compiles nothing). Accelerators keep their write
+    programs: their GEMMs are faster and the outputs are born on the device."""
+    if WRITE_ON_HOST is not None:
+        return WRITE_ON_HOST
+    if shardings is None:
+        return jax.devices()[0].platform == "cpu"
+    return all(d.platform == "cpu" for s in shardings for d in s.device_set)
+
+
 def write_keys(plan: Plan, config) -> set[WriteKey | ViewWriteKey]:
     """The write programs `plan`'s matrices need with `GHN(config)` (`uses_basis`)."""
     return {
@@ -595,7 +659,13 @@ def write_keys(plan: Plan, config) -> set[WriteKey | ViewWriteKey]:
     }
 
 
-def _basis_run(plan: Plan, basis: _Basis) -> _BasisRun:
+def _written_on_host(host: bool, rows: int, cols: int, dtype: str) -> bool:
+    """Whether a matrix is finished on the host: one of a single row or column always
+    (`_on_host`), any other float32 one when `host` (`_writes_on_host`)."""
+    return _on_host(rows, cols) or (host and np.dtype(dtype) == np.float32)
+
+
+def _basis_run(plan: Plan, basis: _Basis, host: bool) -> _BasisRun:
     """The transpose's calls: vectors' rows, then matrices' cores."""
     # Per parameter: (member, its int row, float row, the widths of its Gram matrices).
     matrices, vectors = [], []
@@ -607,13 +677,12 @@ def _basis_run(plan: Plan, basis: _Basis) -> _BasisRun:
                 vectors.append((member, (g.nodes[i], g.vector_rows[i])))
                 continue
             member = _Member(leaf, info, dtype)
-            io = False
-            if not _on_host(g.rows, g.cols):
+            io = not _on_host(g.rows, g.cols) and _dense(info) == "io"
+            if not _written_on_host(host, g.rows, g.cols, dtype):
                 key = _write_key(plan, leaf, basis.config)
                 first, second = key.dims
                 pt, p = basis.device(first, True), basis.device(second, False)
                 member = dataclasses.replace(member, write=key, operands=(pt, p))
-                io = _dense(info) == "io"
             floats = (g.scales[i], g.rows * g.cols)
             matrices.append((member, (g.nodes[i], io), floats, (g.rows, g.cols)))
     calls = []
@@ -631,7 +700,7 @@ def _basis_run(plan: Plan, basis: _Basis) -> _BasisRun:
     return _BasisRun(calls)
 
 
-def _view_run(plan: Plan, basis: _Basis) -> _BasisRun:
+def _view_run(plan: Plan, basis: _Basis, host: bool) -> _BasisRun:
     """The view's calls: H once per node (a layer's kernel and bias, a norm's scale and
     bias share it), the nodes that the host finishes from first."""
     members = []  # (member, its node)
@@ -641,7 +710,7 @@ def _view_run(plan: Plan, basis: _Basis) -> _BasisRun:
             member = _Member(leaf, info, dtype, g.scales[i], g.centers[i])
             if g.kind == "vector":
                 member = dataclasses.replace(member, vrow=g.vector_rows[i])
-            elif not _on_host(g.rows, g.cols):
+            elif not _written_on_host(host, g.rows, g.cols, dtype):
                 member = dataclasses.replace(member, write=_write_key(plan, leaf, basis.config))
             members.append((member, g.nodes[i]))
     members.sort(key=lambda m: m[0].write is not None)
@@ -839,8 +908,10 @@ def predict_staged(ghn, prepared: Prepared, shardings=None) -> list[jax.Array]:
     decoding of what multiplies P (the transpose: every matrix's core and vector's row,
     `matrix_cores` and `vector_rows`; the view: every node's H, `view_hidden`), then per
     matrix layout a program that applies P and writes it (`write_basis`, `write_view`),
-    while vectors are finished on the host. A new width of a family compiles only its
-    write programs; the tiled decoder compiles a program per layout (`LeafKey`). The
+    while vectors are finished on the host. With CPU outputs (`_writes_on_host`) the host
+    writes the matrices too, so a new width of a family compiles nothing; on an
+    accelerator it compiles only its write programs. The tiled decoder compiles a
+    program per layout (`LeafKey`). The
     programs a call needs are compiled together, in parallel threads. Differentiable
     w.r.t. the GHN: under `jax.grad` or `jax.jit`, `predict_leaves` is traced into the
     caller's program.
@@ -859,10 +930,12 @@ def predict_staged(ghn, prepared: Prepared, shardings=None) -> list[jax.Array]:
         programs = (encode, state, prepared.batch), (decoder_graphdef, decoder_state)
         _predict_calls(ghn, prepared, shardings, (*programs, (basis.signature, rows)), leaves)
         return leaves
-    run = basis.runs.get(prepared)
-    if run is None:
+    host = _writes_on_host(shardings)
+    runs = basis.runs.setdefault(prepared, {})
+    if host not in runs:
         make_run = _view_run if basis.view else _basis_run
-        run = basis.runs[prepared] = make_run(prepared.plan, basis)
+        runs[host] = make_run(prepared.plan, basis, host)
+    run = runs[host]
     decoders, examples = {}, {}
     for name, args, members in run.calls:
         if name not in decoders:
