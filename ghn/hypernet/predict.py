@@ -645,7 +645,10 @@ def _writes_on_host(shardings) -> bool:
     if WRITE_ON_HOST is not None:
         return WRITE_ON_HOST
     if shardings is None:
-        return jax.devices()[0].platform == "cpu"
+        # Where uncommitted outputs go: `jax.default_device` (a device or a platform name)
+        # when set, else the default backend's first device.
+        device = jax.config.jax_default_device or jax.devices()[0]
+        return getattr(device, "platform", device) == "cpu"
     return all(d.platform == "cpu" for s in shardings for d in s.device_set)
 
 
