@@ -15,6 +15,7 @@ LAYERS = {
     "ghn._compat": 0,
     "ghn.cache": 0,
     "ghn.errors": 0,
+    "ghn.hostmem": 0,
     "ghn.params": 0,
     "ghn.sharding": 0,
     "ghn.zoo": 1,

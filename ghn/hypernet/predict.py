@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ghn import hostmem
+import ghn.hostmem as hostmem
 from ghn.cache import LRUCache
 from ghn.graph import Graph, ParamInfo, trace
 from ghn.hypernet.batch import GraphBatch, make_batch
