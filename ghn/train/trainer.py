@@ -104,6 +104,7 @@ class Trainer:
             fsdp_min_size=config.mesh.fsdp_min_size,
             nan_step=config.debug.nan_step,
             max_programs=config.program_cache_size,
+            index_shift=config.archs.index_shift,
         )
         self.train_it = train_iterator(
             self.train_ds,
