@@ -59,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     # every role); `GHN.predict` reads from s = 0. Hidden units of a layer are
     # interchangeable, so which decoder index serves which unit is arbitrary. 0: off.
     c.archs.index_shift = 0
+    # The shifts are multiples of this (e.g. K // r: the view then moves whole rows of
+    # ReLU(M) and keeps each index's W2 columns).
+    c.archs.index_shift_step = 1
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "mnist5k"
@@ -172,6 +175,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "archs.stream draws from archs.sampler; it cannot be used with archs.dataset",
     )
     need(config.archs.index_shift >= 0, "archs.index_shift must be >= 0")
+    need(config.archs.index_shift_step >= 1, "archs.index_shift_step must be >= 1")
     need(
         config.archs.bucketed or not config.archs.index_shift,
         "archs.index_shift needs the bucketed trainer (archs.bucketed=True)",

@@ -94,12 +94,13 @@ def _shape_key(tree) -> tuple:
     return (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
 
 
-def index_shift_of(spec: ArchSpec, seed: int, index_shift: int) -> int:
-    """The decoder index shift of `spec` in a run (`archs.index_shift`): fixed per
-    architecture and seed, so a resumed run decodes as an uninterrupted one."""
+def index_shift_of(spec: ArchSpec, seed: int, index_shift: int, step: int = 1) -> int:
+    """The decoder index shift of `spec` in a run (`archs.index_shift`, a multiple of
+    `archs.index_shift_step` below it): fixed per architecture and seed, so a resumed
+    run decodes as an uninterrupted one."""
     if not index_shift:
         return 0
-    return zlib.crc32(f"{seed}/{spec}".encode()) % index_shift
+    return zlib.crc32(f"{seed}/{spec}".encode()) % -(-index_shift // step) * step
 
 
 class Programs:
@@ -122,6 +123,7 @@ class Programs:
         nan_step: int = -1,
         max_programs: int = 16,
         index_shift: int = 0,
+        index_shift_step: int = 1,
     ):
         """`tx` is `step.make_optimizer(...)`, `schedule` `step.schedule_hparams(...)`;
         at most `max_programs` per-architecture programs stay compiled (LRU);
@@ -136,6 +138,7 @@ class Programs:
         self.bf16 = bf16
         self.pred_weight_decay = pred_weight_decay
         self.index_shift = index_shift
+        self.index_shift_step = index_shift_step
         self.nan_step = nan_step
         self.stats = Stats()
         self.replicated = replicated(mesh)
@@ -377,7 +380,7 @@ class Programs:
         """`spec`'s host arrays for `plan` (cached; ConfigError if it does not fit)."""
         hit = self._bucket_inputs.get((plan, spec))
         if hit is None:
-            shift = index_shift_of(spec, self.seed, self.index_shift)
+            shift = index_shift_of(spec, self.seed, self.index_shift, self.index_shift_step)
             hit = hb.arch_inputs(plan, spec, self._input_spec(spec), self.ghn_config, shift)
             self._bucket_inputs.put((plan, spec), hit)
         return hit
