@@ -1,7 +1,5 @@
 """Bucketed prediction equals per-architecture prediction; one program serves a bucket."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,52 +179,3 @@ def test_each_architecture_of_a_meta_batch_runs_only_its_own_blocks(hyper):
     text = str(grads)
     # Forward and backward each branch on the block mask.
     assert text.count("cond[") >= 2, "the blocks are no longer skipped per architecture"
-
-
-def test_index_shift_trains_decoder_indices_past_the_widest_architecture():
-    """`archs.index_shift`: with each architecture reading the decoder from its own shift s,
-    the decoder columns past the widest training architecture get a gradient (without a
-    shift they never do: no training architecture reads them), and s = 0 in a shifted
-    program is the plain prediction."""
-    config = CONFIG.replace(max_dim=2048)
-    hyper = ghn.GHN(config, rngs=nnx.Rngs(0))
-    specs = FAMILIES["vit"][:2]
-    bucket = zb.smallest_bucket(specs)
-    plan = hb.make_bucket_plan(bucket, specs, input_spec, config)
-    params = nnx.state(hyper, nnx.Param)
-    key = jax.random.key(1)
-    batch = {
-        "image": jax.random.normal(key, (4, 8, 8, 1)),
-        "label": jax.random.randint(key, (4,), 0, 10),
-    }
-    kw = dict(
-        ghn_graphdef=nnx.graphdef(hyper), task=Task("image"), pred_weight_decay=3e-5, plan=plan
-    )
-
-    def stacked(shifts):
-        each = [
-            hb.arch_inputs(plan, s, input_spec(s), config, shift)
-            for s, shift in zip(specs, shifts, strict=True)
-        ]
-        return jax.tree.map(lambda *xs: np.stack(xs), *each)
-
-    grads = jax.jit(
-        lambda p, i, m: step.meta_grads(
-            p, i, batch, loss_fn=functools.partial(step.bucketed_meta_loss, index_shift=m), **kw
-        ),
-        static_argnums=2,
-    )
-    max_shift = 64
-    plain, zero = grads(params, stacked([0, 0]), 0), grads(params, stacked([0, 0]), max_shift)
-    # The same decoding from a wider slice of Z: r + 1 term sums, then the forward.
-    n = ghn_reduction(config, num_nodes=plan.num_nodes, max_dim=2048)
-    assert_close(np.asarray(zero["loss"]), np.asarray(plain["loss"]), reduction=n)
-    shifted = grads(params, stacked([40, 63]), max_shift)
-    # The view reads the flat range [i r, (i + 1) r) of Z's halves for index i, i.e. W2's
-    # columns i r .. while that is below K: the widest decoded dimension bounds them.
-    widest = max(max(leaf.rows, leaf.cols) for leaf in plan.leaves)
-    assert (widest + max_shift) * config.rank <= 2048
-    beyond = np.s_[:, widest * config.rank :]
-    assert not np.any(np.asarray(plain["grads"]["decoder"]["w2"])[beyond])
-    assert np.any(np.asarray(shifted["grads"]["decoder"]["w2"])[beyond])
-    assert np.isfinite(np.asarray(shifted["loss"]))

@@ -205,32 +205,6 @@ def test_lowrank_slicing_is_exact(factors):
         assert_close(wide.full(e, 60, 64), big, reduction=n)
 
 
-@pytest.mark.parametrize("factors", ["transpose", "view"])
-def test_a_shifted_read_is_the_unshifted_one_moved_by_the_shift(factors):
-    """`factors(..., shift=s)` decodes every row and column index i from decoder index
-    i + s (meta-training's `archs.index_shift`): the unshifted (rows + s, cols + s) factors
-    with their first s rows and columns dropped; under jit with a traced s, for s across
-    one and two rows of Z's view (K = 48, r = 4: 12 view rows per row of ReLU(M))."""
-    cfg = SMALL.replace(factors=factors, max_dim=48)
-    dec = LowRankDecoder(cfg, rngs=nnx.Rngs(0))
-    dec.b2[...] = jax.random.normal(jax.random.key(1), dec.b2.shape)
-    e = embeddings(2, 16)
-    graphdef, state = nnx.split(dec)
-
-    @jax.jit
-    def shifted(state, s):
-        return nnx.merge(graphdef, state).factors(e, 5, 7, shift=s, max_shift=20)
-
-    for s in (0, 3, 11, 19):
-        a, b = shifted(state, jnp.int32(s))
-        a_ref, b_ref = dec.factors(e, 5 + s, 7 + s)
-        # Z's entries are the same r + 1 term sums, from GEMMs of other shapes.
-        assert_close(a, a_ref[:, s:], reduction=cfg.rank + 1)
-        assert_close(b, b_ref[:, :, s:], reduction=cfg.rank + 1)
-    with pytest.raises(ValueError, match="wider than K=48"):
-        dec.factors(e, 40, 7, shift=jnp.int32(0), max_shift=20)
-
-
 def test_lowrank_does_not_tile():
     dec = LowRankDecoder(SMALL.replace(max_dim=4096), rngs=nnx.Rngs(0))
     w = dec.full(embeddings(1, 16), 4096, 8)

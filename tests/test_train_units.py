@@ -78,9 +78,6 @@ def test_bad_values_are_clear_errors():
     config = tiny_config({"ghn.d_model": 30})
     with pytest.raises(ValueError, match="d_model"):
         validate(config)
-    config = tiny_config({"archs.bucketed": False, "archs.index_shift": 8})
-    with pytest.raises(ValueError, match="index_shift needs the bucketed trainer"):
-        validate(config)
 
 
 def test_sampler_is_deterministic_and_resumes_exactly():

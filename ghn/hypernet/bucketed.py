@@ -162,12 +162,10 @@ class ArchInputs:
     vrow_S: jax.Array
     maps: dict
     target: dict  # `ghn.zoo.bucketed.arch_arrays`: the forward's masks and scalars
-    shift: jax.Array  # int32 decoder index shift (`predict_padded`'s max_shift > 0)
 
 
-def arch_inputs(plan: BucketPlan, spec: ArchSpec, input_spec, config, shift: int = 0) -> ArchInputs:
-    """Host arrays describing `spec` inside `plan` (NumPy; put them on devices yourself);
-    `shift`: the decoder index shift its prediction reads with (`predict_padded`)."""
+def arch_inputs(plan: BucketPlan, spec: ArchSpec, input_spec, config) -> ArchInputs:
+    """Host arrays describing `spec` inside `plan` (NumPy; put them on devices yourself)."""
     if not zb.fits(plan.bucket, spec):
         raise ConfigError(f"{spec.name} does not fit bucket {plan.bucket.name}")
     real = _describe(spec, input_spec, config)
@@ -218,26 +216,22 @@ def arch_inputs(plan: BucketPlan, spec: ArchSpec, input_spec, config, shift: int
     maps = {"/".join(map(str, p)): v for p, v in zb.flatten_tree(offsets).items()}
     graph = make_batch([real.prepared.graph], config, buckets=(plan.num_nodes,))
     target = zb.arch_arrays(plan.bucket, spec)
-    shift = np.int32(shift)
-    return ArchInputs(graph, node, rows, cols, scale, center, vrow, maps, target, shift)
+    return ArchInputs(graph, node, rows, cols, scale, center, vrow, maps, target)
 
 
-def _decode_slots(
-    ghn, nodes_NxD, kind: str, rows: int, cols: int, idx, inputs, max_shift: int = 0
-) -> jax.Array:
+def _decode_slots(ghn, nodes_NxD, kind: str, rows: int, cols: int, idx, inputs) -> jax.Array:
     """The decoded buffers of slots `idx` (all of one kind and size): (G, rows * cols) for
     matrices, (G, cols) for vectors, zero outside each slot's real rows and columns."""
-    shift = (inputs.shift, max_shift) if max_shift else (None, 0)
     e_GxD = nodes_NxD[inputs.node_S[idx]]
     rows_G, cols_G = inputs.rows_S[idx], inputs.cols_S[idx]
     col_ok_GxI = jnp.arange(cols)[None, :] < cols_G[:, None]
     if kind == "vector":
-        w_Gx2xI = ghn.decoder.full(e_GxD, 2, cols, *shift)
+        w_Gx2xI = ghn.decoder.full(e_GxD, 2, cols)
         raw_GxI = jnp.take_along_axis(w_Gx2xI, inputs.vrow_S[idx][:, None, None], axis=1)[:, 0]
         vals_GxI = inputs.center_S[idx][:, None] + inputs.scale_S[idx][:, None] * jnp.tanh(raw_GxI)
         return jnp.where(col_ok_GxI, vals_GxI, 0.0)
     row_ok_GxO = jnp.arange(rows)[None, :] < rows_G[:, None]
-    a_GxOxr, b_GxrxI = ghn.decoder.factors(e_GxD, rows, cols, *shift)
+    a_GxOxr, b_GxrxI = ghn.decoder.factors(e_GxD, rows, cols)
     a_GxOxr = jnp.where(row_ok_GxO[:, :, None], a_GxOxr, 0.0)
     b_GxrxI = jnp.where(col_ok_GxI[:, None, :], b_GxrxI, 0.0)
     # The per-architecture normalization (predict._decode_group) over the real block.
@@ -249,12 +243,8 @@ def _decode_slots(
     return jnp.einsum("gOr,grI->gOI", a_GxOxr, b_GxrxI).reshape(len(idx), rows * cols)
 
 
-def predict_padded(ghn, plan: BucketPlan, inputs: ArchInputs, max_shift: int = 0) -> dict:
+def predict_padded(ghn, plan: BucketPlan, inputs: ArchInputs) -> dict:
     """The padded parameter tree of the architecture `inputs` describes (0 on padding).
-
-    With `max_shift` > 0 every row and column index i is decoded from decoder index
-    i + `inputs.shift` (`LowRankDecoder.factors`; meta-training's `archs.index_shift`);
-    0 decodes as `GHN.predict` does.
 
     A pure function of the GHN and arrays: jit it once per plan, grad it, vmap it
     over a stacked meta-batch of `ArchInputs`. Slots of one kind and size are decoded
@@ -272,7 +262,7 @@ def predict_padded(ghn, plan: BucketPlan, inputs: ArchInputs, max_shift: int = 0
     masks = zb.flatten_tree(zb.param_masks(plan.bucket, inputs.target))
     for (kind, rows, cols), leaves in groups.items():
         idx = np.concatenate([np.asarray(leaf.slots) for leaf in leaves])
-        buffers_GxZ = _decode_slots(ghn, nodes_NxD, kind, rows, cols, idx, inputs, max_shift)
+        buffers_GxZ = _decode_slots(ghn, nodes_NxD, kind, rows, cols, idx, inputs)
         start = 0
         for leaf in leaves:
             buffer = buffers_GxZ[start : start + len(leaf.slots)].reshape(-1)

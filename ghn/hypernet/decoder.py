@@ -101,18 +101,15 @@ class LowRankDecoder(nnx.Module):
         r = self.rank
         return self.mlp(e_GxD).reshape(e_GxD.shape[0], 2 * r, r)
 
-    def _columns(self, n: int, shift=None) -> tuple[jax.Array, jax.Array]:
+    def _columns(self, n: int) -> tuple[jax.Array, jax.Array]:
         w2_rxK, b2_K = self.w2[...], self.b2[...]
-        if shift is not None:
-            idx = (shift + jnp.arange(n)) % self.max_dim
-            return jnp.take(w2_rxK, idx, axis=1), jnp.take(b2_K, idx)
         if n <= self.max_dim:
             return w2_rxK[:, :n], b2_K[:n]
         idx = np.arange(n) % self.max_dim
         return jnp.take(w2_rxK, idx, axis=1), jnp.take(b2_K, idx)
 
-    def _z(self, m_Gx2rxr: jax.Array, start: int, stop: int, n: int, shift=None) -> jax.Array:
-        w2_rxn, b2_n = self._columns(n, shift)
+    def _z(self, m_Gx2rxr: jax.Array, start: int, stop: int, n: int) -> jax.Array:
+        w2_rxn, b2_n = self._columns(n)
         h_Gx2rxr = jax.nn.relu(m_Gx2rxr)
         if self.center:
             # Removes the component shared by all rank-one terms (see GHNConfig):
@@ -128,54 +125,30 @@ class LowRankDecoder(nnx.Module):
         self._check(num_cols, "num_cols")
         return self._z(self.hidden(e_GxD), start, stop, num_cols)
 
-    def _view_rows(
-        self, m_Gx2rxr: jax.Array, start: int, n: int, shift=None, max_shift: int = 0
-    ) -> jax.Array:
+    def _view_rows(self, m_Gx2rxr: jax.Array, start: int, n: int) -> jax.Array:
         """First n rows of Z[:, start:start+r].reshape(G, K, r), row-major (the view),
-        computing only the part of Z they read; with `shift`, rows shift .. shift + n - 1
-        (a traced int below the static `max_shift`)."""
-        if shift is None:
-            z_rows, cols = view_span(n, self.rank, self.max_dim)
-            z_Gxzxc = self._z(m_Gx2rxr, start, start + z_rows, cols)
-            return view_read(z_Gxzxc, n, self.rank, self.max_dim)
-        z_rows, cols = view_span(n + max_shift, self.rank, self.max_dim)
-        z_GxF = self._z(m_Gx2rxr, start, start + z_rows, cols).reshape(m_Gx2rxr.shape[0], -1)
-        v_GxF = jax.lax.dynamic_slice_in_dim(z_GxF, shift * self.rank, n * self.rank, axis=1)
-        return v_GxF.reshape(-1, n, self.rank)
+        computing only the part of Z they read."""
+        z_rows, cols = view_span(n, self.rank, self.max_dim)
+        z_Gxzxc = self._z(m_Gx2rxr, start, start + z_rows, cols)
+        return view_read(z_Gxzxc, n, self.rank, self.max_dim)
 
-    def factors(
-        self, e_GxD: jax.Array, rows: int, cols: int, shift=None, max_shift: int = 0
-    ) -> tuple[jax.Array, jax.Array]:
-        """(A_GxRxr, B_Gxrxc) with W = A @ B of shape (G, rows, cols).
-
-        `shift` (a traced int in [0, max_shift), static `max_shift`): read decoder index
-        i + shift for every row and column index i instead of i, as meta-training's
-        `archs.index_shift` does so that every decoder index is trained at every position
-        (hidden units are interchangeable, so which index serves which unit is arbitrary).
-        Needs rows and cols + max_shift <= K.
-        """
+    def factors(self, e_GxD: jax.Array, rows: int, cols: int) -> tuple[jax.Array, jax.Array]:
+        """(A_GxRxr, B_Gxrxc) with W = A @ B of shape (G, rows, cols)."""
         self._check(rows, "rows")
         self._check(cols, "cols")
         r = self.rank
-        if shift is not None and max(rows, cols) + max_shift > self.max_dim:
-            raise ConfigError(
-                f"a shifted read of {max(rows, cols)} + {max_shift} indices is wider than "
-                f"K={self.max_dim}"
-            )
         m_Gx2rxr = self.hidden(e_GxD)
         if self.view:
-            a_GxOxr = self._view_rows(m_Gx2rxr, 0, rows, shift, max_shift)
-            b_GxrxI = self._view_rows(m_Gx2rxr, r, cols, shift, max_shift).transpose(0, 2, 1)
+            a_GxOxr = self._view_rows(m_Gx2rxr, 0, rows)
+            b_GxrxI = self._view_rows(m_Gx2rxr, r, cols).transpose(0, 2, 1)
         else:
-            a_GxOxr = self._z(m_Gx2rxr, 0, r, rows, shift).transpose(0, 2, 1)
-            b_GxrxI = self._z(m_Gx2rxr, r, 2 * r, cols, shift)
+            a_GxOxr = self._z(m_Gx2rxr, 0, r, rows).transpose(0, 2, 1)
+            b_GxrxI = self._z(m_Gx2rxr, r, 2 * r, cols)
         return a_GxOxr, b_GxrxI
 
-    def full(
-        self, e_GxD: jax.Array, rows: int, cols: int, shift=None, max_shift: int = 0
-    ) -> jax.Array:
+    def full(self, e_GxD: jax.Array, rows: int, cols: int) -> jax.Array:
         """W_GxRxC = A @ B."""
-        a_GxOxr, b_GxrxI = self.factors(e_GxD, rows, cols, shift, max_shift)
+        a_GxOxr, b_GxrxI = self.factors(e_GxD, rows, cols)
         return jnp.einsum("gir,grj->gij", a_GxOxr, b_GxrxI)
 
 

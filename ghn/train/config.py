@@ -53,15 +53,6 @@ def base_config() -> ml_collections.ConfigDict:
     # (pool_size only sizes the draw the held-out architectures come from). Needs a
     # sampler whose architectures can be listed (vits-1k, gpts-1k) for the buckets.
     c.archs.stream = False
-    # > 0 (bucketed only): each architecture's prediction reads decoder index i + s for
-    # every row and column index i, s in [0, index_shift) fixed per architecture (from
-    # seed and spec), so decoder indices past the training widths are trained too (in
-    # every role); `GHN.predict` reads from s = 0. Hidden units of a layer are
-    # interchangeable, so which decoder index serves which unit is arbitrary. 0: off.
-    c.archs.index_shift = 0
-    # The shifts are multiples of this (e.g. K // r: the view then moves whole rows of
-    # ReLU(M) and keeps each index's W2 columns).
-    c.archs.index_shift_step = 1
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "mnist5k"
@@ -173,12 +164,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(
         not (config.archs.stream and config.archs.dataset),
         "archs.stream draws from archs.sampler; it cannot be used with archs.dataset",
-    )
-    need(config.archs.index_shift >= 0, "archs.index_shift must be >= 0")
-    need(config.archs.index_shift_step >= 1, "archs.index_shift_step must be >= 1")
-    need(
-        config.archs.bucketed or not config.archs.index_shift,
-        "archs.index_shift needs the bucketed trainer (archs.bucketed=True)",
     )
     need(config.data.batch_size >= 1, "data.batch_size must be >= 1")
     need(config.nonfinite in NONFINITE, f"nonfinite must be one of {NONFINITE}")

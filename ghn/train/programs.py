@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -94,15 +93,6 @@ def _shape_key(tree) -> tuple:
     return (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
 
 
-def index_shift_of(spec: ArchSpec, seed: int, index_shift: int, step: int = 1) -> int:
-    """The decoder index shift of `spec` in a run (`archs.index_shift`, a multiple of
-    `archs.index_shift_step` below it): fixed per architecture and seed, so a resumed
-    run decodes as an uninterrupted one."""
-    if not index_shift:
-        return 0
-    return zlib.crc32(f"{seed}/{spec}".encode()) % -(-index_shift // step) * step
-
-
 class Programs:
     """Builds, compiles and caches every program a run executes."""
 
@@ -122,12 +112,9 @@ class Programs:
         fsdp_min_size: int = 2**16,
         nan_step: int = -1,
         max_programs: int = 16,
-        index_shift: int = 0,
-        index_shift_step: int = 1,
     ):
         """`tx` is `step.make_optimizer(...)`, `schedule` `step.schedule_hparams(...)`;
-        at most `max_programs` per-architecture programs stay compiled (LRU);
-        `index_shift`: the config's `archs.index_shift` (bucketed training only)."""
+        at most `max_programs` per-architecture programs stay compiled (LRU)."""
         self.ghn_config = ghn_config
         self.task = task
         self.mesh = mesh
@@ -137,8 +124,6 @@ class Programs:
         self.ema_decay = ema_decay
         self.bf16 = bf16
         self.pred_weight_decay = pred_weight_decay
-        self.index_shift = index_shift
-        self.index_shift_step = index_shift_step
         self.nan_step = nan_step
         self.stats = Stats()
         self.replicated = replicated(mesh)
@@ -344,7 +329,6 @@ class Programs:
             task=self.task,
             pred_weight_decay=self.pred_weight_decay,
             bf16=self.bf16,
-            index_shift=self.index_shift,
             loss_fn=step.bucketed_meta_loss,
         )
 
@@ -380,8 +364,7 @@ class Programs:
         """`spec`'s host arrays for `plan` (cached; ConfigError if it does not fit)."""
         hit = self._bucket_inputs.get((plan, spec))
         if hit is None:
-            shift = index_shift_of(spec, self.seed, self.index_shift, self.index_shift_step)
-            hit = hb.arch_inputs(plan, spec, self._input_spec(spec), self.ghn_config, shift)
+            hit = hb.arch_inputs(plan, spec, self._input_spec(spec), self.ghn_config)
             self._bucket_inputs.put((plan, spec), hit)
         return hit
 

@@ -161,7 +161,6 @@ def bucketed_meta_loss(
     task: Task,
     pred_weight_decay: float,
     bf16: bool = False,
-    index_shift: int = 0,
 ):
     """`meta_loss` averaged over a meta-batch of architectures of one bucket.
 
@@ -176,8 +175,7 @@ def bucketed_meta_loss(
     bucket, per meta-batch): vmap 0.92-0.94 s whatever their depth; map 0.89 s (12
     blocks), 0.57 s (6), 0.41 s (3), 0.36 s (1). Vmapping the prediction instead of
     mapping it too: a small ViT bucket's step 0.080 s instead of 0.091 s, and its
-    program compiles in 12 s instead of 17 s. `index_shift` > 0: each architecture reads
-    the decoder from its own `inputs.shift` (`predict_padded`'s max_shift).
+    program compiles in 12 s instead of 17 s.
     """
     ghn = nnx.merge(ghn_graphdef, ghn_params)
     dtype = jnp.bfloat16 if bf16 else jnp.float32
@@ -194,7 +192,7 @@ def bucketed_meta_loss(
     def sums_of(params_and_target):
         return padded_sums(plan, task, *params_and_target, batch, dtype)
 
-    params_M = jax.vmap(lambda inputs: hb.predict_padded(ghn, plan, inputs, index_shift))(inputs_M)
+    params_M = jax.vmap(lambda inputs: hb.predict_padded(ghn, plan, inputs))(inputs_M)
     reg_M = jax.vmap(reg_of)(params_M)
     sums_M = jax.lax.map(sums_of, (params_M, inputs_M.target))
     task_M = sums_M["loss_sum"] / sums_M["count"]

@@ -104,8 +104,6 @@ class Trainer:
             fsdp_min_size=config.mesh.fsdp_min_size,
             nan_step=config.debug.nan_step,
             max_programs=config.program_cache_size,
-            index_shift=config.archs.index_shift,
-            index_shift_step=config.archs.index_shift_step,
         )
         self.train_it = train_iterator(
             self.train_ds,
