@@ -218,7 +218,8 @@ def safeguard(
         return 1.0, 1.0
     alpha = fit_scale(logits_NxC, labels_N)
     _scale_outputs(model, example_input, alpha)
-    if mean_loss(logits_NxC, labels_N, alpha) <= bar:
+    tempered_loss = mean_loss(logits_NxC, labels_N, alpha)
+    if tempered_loss <= bar:
         return alpha, 1.0
     tempered = nnx.state(model, nnx.Param)
     ref = nnx.state(reference, nnx.Param)
@@ -226,8 +227,14 @@ def safeguard(
     def blend(b):
         return jax.tree.map(lambda p, r: (b * p + (1.0 - b) * r).astype(p.dtype), tempered, ref)
 
+    # The grid's ends are the two models already measured: b = 0 the reference itself,
+    # b = 1 the tempered prediction.
+    known = {0.0: bar, 1.0: tempered_loss}
     losses = []
-    for b in BLEND_GRID:
+    for b in map(float, BLEND_GRID):
+        if b in known:
+            losses.append(known[b])
+            continue
         nnx.update(model, blend(b))
         losses.append(mean_loss(*_logits_and_labels(model, task, batches, forward)))
     b = float(BLEND_GRID[int(np.argmin(losses))])
