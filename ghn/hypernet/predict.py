@@ -390,6 +390,12 @@ def _host_transpose(member: _Member, out: np.ndarray, basis: _Basis, memo: dict)
     return (left @ (out @ right[:, 0]))[:, None]
 
 
+def _factor_key(h_2rxk: np.ndarray, start: int, n: int) -> tuple:
+    """The memo key of the view's factor read from rows `start` .. of a node's H for n
+    indices (`_host_view` and `_view_vector_factors` fill one memo)."""
+    return id(h_2rxk), start, n
+
+
 def _host_view(member: _Member, h_2rxk: np.ndarray, basis: _Basis, memo: dict) -> np.ndarray:
     """A vector's raw values (row `vrow` of its decoded 2 x size matrix), or a rescaled
     matrix, from its node's H: the view's factors read out of Z = H P as `write_view`
@@ -405,7 +411,7 @@ def _host_view(member: _Member, h_2rxk: np.ndarray, basis: _Basis, memo: dict) -
     rows, cols = (2, member.info.size) if vector else _matrix_dims(member.info)
     factors = []
     for start, n in ((0, rows), (r, cols)):
-        key = (id(h_2rxk), start, n)
+        key = _factor_key(h_2rxk, start, n)
         if key not in memo:
             # Row j of Z's half holds the flat range [j K, (j + 1) K): only what is read.
             flat = min(n, k_max) * r
@@ -432,7 +438,7 @@ def _view_vector_factors(items: list, basis: _Basis, memo: dict) -> None:
     by_size: dict[int, dict] = {}
     for member, h_2rxk in items:
         n = member.info.size
-        key = (id(h_2rxk), r, n)
+        key = _factor_key(h_2rxk, r, n)
         if key not in memo:
             by_size.setdefault(n, {})[key] = h_2rxk
     for n, group in by_size.items():
