@@ -444,3 +444,32 @@ def test_the_view_is_written_as_the_decoder_reads_it(rows, cols):
             squashed = 1.0 + 0.25 * np.tanh(w_Gx2xC[g, vrow])
             size = 0.25 * np.max(np.abs(w_Gx2xC[g]))
             assert_close(got, squashed, reduction=13 * d + (r + 1) + r, scale=size)
+
+
+class _MixedDtypes(nnx.Module):
+    """A float32 layer and a bfloat16 one: on CPU the host writes the first, a write
+    program the second."""
+
+    def __init__(self, *, rngs: nnx.Rngs):
+        self.a = nnx.Linear(12, 24, rngs=rngs)
+        self.b = nnx.Linear(24, 10, param_dtype=jnp.bfloat16, rngs=rngs)
+
+    def __call__(self, x):
+        return self.b(jax.nn.relu(self.a(x)))
+
+
+def test_parameters_keep_their_dtype_whoever_writes_them(hyper):
+    model, x = _MixedDtypes(rngs=nnx.Rngs(0)), jnp.zeros((2, 12))
+    params = hyper.predict(model, x)
+    check_same_tree(params, model)
+    assert params["b"]["kernel"][...].dtype == jnp.bfloat16
+    as_float32 = _MixedDtypes(rngs=nnx.Rngs(0))
+    as_float32.b = nnx.Linear(24, 10, rngs=nnx.Rngs(0))
+    want = hyper.predict(as_float32, x)
+    # The same decoding; bfloat16 keeps 8 bits of mantissa (relative spacing 2^-7).
+    got_b, want_b = (np.asarray(p["b"]["kernel"][...], np.float32) for p in (params, want))
+    np.testing.assert_allclose(got_b, want_b, rtol=2**-7, atol=2**-7 * np.abs(want_b).max())
+    n = predict_reduction(hyper, model, x)
+    assert_close(
+        np.asarray(params["a"]["kernel"][...]), np.asarray(want["a"]["kernel"][...]), reduction=n
+    )
