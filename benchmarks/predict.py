@@ -12,6 +12,11 @@ own random init of the same model takes.
 
 A preset name with ":untied" (e.g. gpt2-large:untied) predicts that GPT-2 with its own
 output head instead of the tied token embedding (GPT-2 Large: 838M parameters).
+
+On a VM whose memory the hypervisor backs lazily, the first process to write gigabytes
+after an idle minute pays slow page faults whatever it computes (BENCHMARKS.md measured
+6 GB of `np.ones` at 16-17 s after an idle minute, 1.6-3.8 s right after another run):
+compare cold totals of runs made back to back, and say which.
 """
 
 import json
