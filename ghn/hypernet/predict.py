@@ -315,11 +315,10 @@ def view_hidden(decoder, nodes_NxD, nodes_G) -> tuple:
 
 
 def _view_rescaled(a_Oxr, bt_Ixr, scale, size: int):
-    """A rescaled as `_decode` rescales it, from A and B^T (B B^T = (B^T)^T B^T); NumPy
-    (with einsum's own loops, see `_host_view`) or JAX arrays."""
-    einsum = np.einsum if isinstance(a_Oxr, np.ndarray) else jnp.einsum
-    ata = einsum("Rr,Rs->rs", a_Oxr, a_Oxr)
-    bbt = einsum("Cr,Cs->rs", bt_Ixr, bt_Ixr)
+    """A rescaled as `_decode` rescales it, from A and B^T (B B^T = (B^T)^T B^T), in
+    NumPy with einsum's own loops (the one-row matrices of `_host_view`)."""
+    ata = np.einsum("Rr,Rs->rs", a_Oxr, a_Oxr)
+    bbt = np.einsum("Cr,Cs->rs", bt_Ixr, bt_Ixr)
     return a_Oxr * _rescale(scale, (ata * bbt).sum(), size)
 
 
@@ -363,18 +362,29 @@ def write_basis(key: WriteKey, c_kxk, pt_Fxk, p_kxS) -> jax.Array:
     return write_factors(key.layout, pt_Fxk @ c_kxk, p_kxS, key.dtype)
 
 
+def _view_operands(layout: ParamInfo, h_2rxk, p_kxn, scale, rank: int, max_dim: int) -> tuple:
+    """A matrix's GEMM operands (`_gemm_operands`) from its node's H (`view_hidden`) and
+    P[:, :n]: the view's factors read out of Z = H P, A rescaled to the std `scale`. JAX
+    arrays (`write_view`) or float32 NumPy (`_host_matrix`); Gram matrices by matmul, so
+    NumPy's are BLAS products."""
+    concatenate = np.concatenate if isinstance(h_2rxk, np.ndarray) else jnp.concatenate
+    rows, cols = _matrix_dims(layout)
+    za, zb = view_span(rows, rank, max_dim)[0], view_span(cols, rank, max_dim)[0]
+    # Both factors' rows of Z in one GEMM: a single row alone would be a matrix-vector
+    # product, which XLA:CPU compiles as its own code (see `_on_host`).
+    z_zxn = concatenate([h_2rxk[:za], h_2rxk[rank : rank + zb]]) @ p_kxn
+    a_Oxr = view_read(z_zxn[:za], rows, rank, max_dim)
+    bt_Ixr = view_read(z_zxn[za:], cols, rank, max_dim)
+    sq = ((a_Oxr.T @ a_Oxr) * (bt_Ixr.T @ bt_Ixr)).sum()
+    a_Oxr = a_Oxr * _rescale(scale, sq, rows * cols)
+    return _gemm_operands(layout, a_Oxr, bt_Ixr.T)
+
+
 def write_view(key: ViewWriteKey, h_2rxk, p_kxn, scale) -> jax.Array:
     """A matrix in its layout from its node's H (`view_hidden`), P[:, :n]
     (`ViewWriteKey.columns`) and its target std: the view's factors read out of Z = H P."""
-    r, k_max = key.rank, key.max_dim
-    rows, cols = _matrix_dims(key.layout)
-    za, zb = view_span(rows, r, k_max)[0], view_span(cols, r, k_max)[0]
-    # Both factors' rows of Z in one GEMM: a single row alone would be a matrix-vector
-    # product, which XLA:CPU compiles as its own code (see `_on_host`).
-    z_zxn = jnp.concatenate([h_2rxk[:za], h_2rxk[r : r + zb]]) @ p_kxn
-    a_Oxr, bt_Ixr = view_read(z_zxn[:za], rows, r, k_max), view_read(z_zxn[za:], cols, r, k_max)
-    a_Oxr = _view_rescaled(a_Oxr, bt_Ixr, scale, rows * cols)
-    return write_factors(key.layout, *_gemm_operands(key.layout, a_Oxr, bt_Ixr.T), key.dtype)
+    operands = _view_operands(key.layout, h_2rxk, p_kxn, scale, key.rank, key.max_dim)
+    return write_factors(key.layout, *operands, key.dtype)
 
 
 def _host_transpose(member: _Member, out: np.ndarray, basis: _Basis, memo: dict) -> np.ndarray:
@@ -461,14 +471,9 @@ def _host_matrix(member: _Member, out: np.ndarray, basis: _Basis) -> np.ndarray:
         lhs = basis.columns32(first).T @ out.astype(np.float32)
         return host_factors(info, lhs, basis.columns32(second))
     r, k_max = basis.config.rank, basis.config.max_dim
-    (za, na), (zb, nb) = view_span(rows, r, k_max), view_span(cols, r, k_max)
-    h_2rxk = out.astype(np.float32)
-    # Both factors' rows of Z in one GEMM, as `write_view` computes them.
-    z_zxn = np.concatenate([h_2rxk[:za], h_2rxk[r : r + zb]]) @ basis.columns32(max(na, nb))
-    a_Oxr, bt_Ixr = view_read(z_zxn[:za], rows, r, k_max), view_read(z_zxn[za:], cols, r, k_max)
-    sq = np.sum((a_Oxr.T @ a_Oxr) * (bt_Ixr.T @ bt_Ixr), dtype=np.float64)
-    a_Oxr = a_Oxr * np.float32(_rescale(member.scale, sq, rows * cols))
-    return host_factors(info, *_gemm_operands(info, a_Oxr, bt_Ixr.T))
+    n = max(view_span(rows, r, k_max)[1], view_span(cols, r, k_max)[1])
+    h_2rxk, scale = out.astype(np.float32), np.float32(member.scale)
+    return host_factors(info, *_view_operands(info, h_2rxk, basis.columns32(n), scale, r, k_max))
 
 
 def _finish_on_host(member: _Member, out: np.ndarray, basis: _Basis, memo=None) -> np.ndarray:
