@@ -20,6 +20,16 @@ the dataset.
 (`ghn.baselines.mimetic_init`: the family's random init with self-attention set
 to query-key ~ +identity, value-output ~ -identity), same recipe and seeds.
 
+A prediction is prepared before step 0 (`ghn.calibrate.prepare`), on 4
+training batches and against the random init it replaces:
+--blocks (default auto) keeps the predicted blocks only when they carry at
+least half of the prediction's gain over the random init there, else takes
+the random init's blocks under the predicted stem and head
+(`ghn.calibrate.keep_blocks`); --mix (default 0.5) blends every predicted
+matrix with the random init, sqrt(1 - a^2) x predicted + a x random (full rank,
+each layer its own); then --temper. --raw adds a row for the prediction as the
+GHN made it.
+
 --temper (default auto) holds a prediction to the random init it replaces: when
 its loss on 4 training batches is above the random init's there, its output
 layer is scaled by the alpha in [0, 1] that minimizes the loss
@@ -29,8 +39,8 @@ blended toward the random init, b x tempered + (1 - b) x random, with the b in
 [0, 1] of least loss there. Every prediction at least as good as the random init
 is left as predicted (tempering a good one slows its fine-tuning).
 --temper=always tempers every prediction, --temper=never none. The saved
-parameters are the tempered ones, and the tables show the factor (x alpha)
-and the blend weight (blend b).
+parameters are the prepared ones, and the tables show what preparing did
+("random blocks", "mix a", the factor x alpha, the blend weight blend b).
 
 Writes to --workdir: results.json and results.md (metrics at step 0, N/10, N
 and the speed-up), curves/<arch>.png, curves.json, and predicted/<arch>/ (the
@@ -39,6 +49,8 @@ with predicted/<arch>.json, the spec that builds it).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from absl import flags, logging
 
@@ -63,11 +75,32 @@ _COMPARE = flags.DEFINE_list(
     "Also fine-tune from these GHNs' predictions, as LABEL=GHN (comma list; GHN as for "
     "--ghn), e.g. transpose=runs/dec_transpose to compare two decoders.",
 )
+_BLOCKS = flags.DEFINE_enum(
+    "blocks",
+    "auto",
+    ["auto", "predicted", "random"],
+    "Predicted blocks or the random init's (every parameter under an integer key, e.g. "
+    "blocks[3]) under the predicted stem and head. auto: predicted only when they carry at "
+    "least half of the prediction's gain over the random init on 4 training batches "
+    "(ghn.calibrate.keep_blocks).",
+)
+_MIX = flags.DEFINE_float(
+    "mix",
+    0.5,
+    "Blend every predicted matrix with the random init: sqrt(1-a^2)*predicted + a*random "
+    "(0: the prediction alone).",
+)
+_RAW = flags.DEFINE_bool(
+    "raw",
+    False,
+    "Also fine-tune from the prediction as the GHN made it (row 'raw': predicted blocks, "
+    "no mix, no tempering).",
+)
 _NOISE = flags.DEFINE_list(
     "noise_mix",
     [],
-    "Also fine-tune from sqrt(1-a^2)*predicted + a*random for each a (e.g. 0.5): full-rank "
-    "variants of the low-rank prediction.",
+    "Also fine-tune from the prediction prepared with each of these mix weights (rows "
+    "'predicted+noise<a>'; blocks and tempering as for the main row).",
 )
 _BASELINES = flags.DEFINE_list(
     "baselines",
@@ -122,6 +155,10 @@ def main(argv):
         eval_batch_size=_EVAL_BATCH_SIZE.value,
         eval_batches=_EVAL_BATCHES.value,
     )
+    policy = evaluate.Policy(blocks=_BLOCKS.value, mix=_MIX.value, temper_mode=_TEMPER.value)
+    variants = {"raw": evaluate.RAW} if _RAW.value else {}
+    for a in map(float, _NOISE.value):
+        variants[f"predicted+noise{a:g}"] = dataclasses.replace(policy, mix=a)
     evaluate.run(
         hyper,
         specs,
@@ -130,10 +167,10 @@ def main(argv):
         _WORKDIR.value,
         ghn_name=_GHN.value,
         ghn_source=info.get("source"),
+        policy=policy,
+        variants=variants,
         baseline_ghns=other_ghns,
-        noise_mixes=[float(a) for a in _NOISE.value],
         baselines=_BASELINES.value,
-        temper_mode=_TEMPER.value,
     )
 
 

@@ -31,6 +31,7 @@ scaled instead (LN(x) = g * x_hat + b, so logits = E @ (alpha * LN(x))).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 
@@ -42,6 +43,7 @@ from flax import nnx
 from ghn.errors import ConfigError
 from ghn.graph import Graph, trace
 from ghn.graph.graph import norm_like
+from ghn.params import mix_with_random, with_random_blocks
 from ghn.tasks import Task
 
 
@@ -150,6 +152,12 @@ def _task(task) -> Task:
     return task
 
 
+def params_of(model: nnx.Module) -> nnx.State:
+    """A snapshot of `model`'s parameters. `nnx.state` returns the model's own Variables,
+    which a later `nnx.update` of the model overwrites; this holds the values."""
+    return jax.tree.map(lambda v: v, nnx.state(model, nnx.Param))
+
+
 def _scale_outputs(model: nnx.Module, example_input, alpha: float) -> None:
     graph = trace(model, example_input)
     paths = set(output_scale_paths(graph))
@@ -221,8 +229,8 @@ def safeguard(
     tempered_loss = mean_loss(logits_NxC, labels_N, alpha)
     if tempered_loss <= bar:
         return alpha, 1.0
-    tempered = nnx.state(model, nnx.Param)
-    ref = nnx.state(reference, nnx.Param)
+    tempered = params_of(model)
+    ref = params_of(reference)
 
     def blend(b):
         return jax.tree.map(lambda p, r: (b * p + (1.0 - b) * r).astype(p.dtype), tempered, ref)
@@ -240,6 +248,103 @@ def safeguard(
     b = float(BLEND_GRID[int(np.argmin(losses))])
     nnx.update(model, blend(b))
     return alpha, b
+
+
+# Predicted blocks are kept when they earn at least this share of the prediction's gain
+# over the reference init on the batches (`keep_blocks`).
+BLOCKS_SHARE = 0.5
+# `prepare`'s default weight of the reference init in the blend of every predicted matrix.
+MIX = 0.5
+BLOCKS = ("auto", "predicted", "random")
+TEMPER_MODES = ("auto", "always", "never")
+
+
+def keep_blocks(
+    model: nnx.Module, reference: nnx.Module, task, batches: Iterable[dict]
+) -> tuple[bool, dict[str, float]]:
+    """Whether `model`'s predicted blocks earn their place against `reference`'s.
+
+    Compares on `batches` the loss of the whole prediction (L_pred), of the
+    prediction with `reference`'s blocks (L_blocks: `ghn.params.with_random_blocks`)
+    and of `reference` (L_ref). The blocks are kept when the prediction beats the
+    reference and they carry at least `BLOCKS_SHARE` of that gain:
+    L_blocks - L_pred >= BLOCKS_SHARE * (L_ref - L_pred). Measured on the shipped
+    GHNs (RESULTS.md, "What in a prediction helps fine-tuning"): where the blocks
+    carry little of the gain (GPT-2s: 4%) or the prediction is worse than the
+    random init (wider than training), fine-tuning from the predicted blocks ends
+    far behind fine-tuning from random ones under the same predicted stem and head;
+    where they carry the gain (held-out ViTs), replacing them loses it. Returns
+    (keep, {"pred": L_pred, "blocks": L_blocks, "ref": L_ref}); `model` is not changed.
+    """
+    batches, task = list(batches), _task(task)
+    forward = _forward(task)
+    pred = params_of(model)
+    ref = params_of(reference)
+    losses = {"pred": mean_loss(*_logits_and_labels(model, task, batches, forward))}
+    losses["ref"] = mean_loss(*_logits_and_labels(reference, task, batches, forward))
+    nnx.update(model, with_random_blocks(pred, ref))
+    losses["blocks"] = mean_loss(*_logits_and_labels(model, task, batches, forward))
+    nnx.update(model, pred)
+    gain = losses["ref"] - losses["pred"]
+    keep = gain > 0.0 and losses["blocks"] - losses["pred"] >= BLOCKS_SHARE * gain
+    return keep, losses
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What `prepare` did: blocks kept, mix weight, output factor, blend weight."""
+
+    blocks: str  # "predicted" or "random"
+    mix: float
+    alpha: float = 1.0
+    blend: float = 1.0
+    losses: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def prepare(
+    model: nnx.Module,
+    reference: nnx.Module,
+    task,
+    batches: Iterable[dict],
+    *,
+    blocks: str = "auto",
+    mix: float = MIX,
+    temper_mode: str = "auto",
+    example_input=None,
+) -> Prepared:
+    """Turns a prediction in `model` into the init to fine-tune from, in place.
+
+    `reference` is the random init the user would otherwise start from (same
+    parameter tree); `batches` a few training batches. In order:
+    1. blocks: "auto" keeps the predicted blocks only when `keep_blocks` says they
+       earn their place, else takes `reference`'s; "predicted" / "random" force it;
+    2. mix: every predicted matrix becomes sqrt(1 - mix^2) * predicted +
+       mix * reference (`ghn.params.mix_with_random`; vectors stay predicted):
+       full-rank, each layer its own, and measured to end fine-tuning level or
+       ahead where the bare prediction ends behind (RESULTS.md);
+    3. temper_mode: "auto" holds the result to `reference`'s loss (`safeguard`),
+       "always" tempers its output layer (`temper`), "never" leaves it.
+    """
+    if blocks not in BLOCKS:
+        raise ConfigError(f"blocks must be one of {BLOCKS}, got {blocks!r}")
+    if temper_mode not in TEMPER_MODES:
+        raise ConfigError(f"temper_mode must be one of {TEMPER_MODES}, got {temper_mode!r}")
+    batches, task = list(batches), _task(task)
+    losses: dict[str, float] = {}
+    keep = blocks == "predicted"
+    if blocks == "auto":
+        keep, losses = keep_blocks(model, reference, task, batches)
+    ref = params_of(reference)
+    state = params_of(model)
+    if mix:
+        state = mix_with_random(state, ref, mix)
+    nnx.update(model, state if keep else with_random_blocks(state, ref))
+    alpha, b = 1.0, 1.0
+    if temper_mode == "auto":
+        alpha, b = safeguard(model, reference, task, batches, example_input=example_input)
+    elif temper_mode == "always":
+        alpha = temper(model, task, batches, example_input=example_input)
+    return Prepared("predicted" if keep else "random", mix, alpha, b, losses)
 
 
 def uniform_loss(num_classes: int) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -32,9 +31,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ghn import zoo
+from ghn import calibrate, zoo
 from ghn.baselines import baseline_init, check_baseline
-from ghn.calibrate import safeguard, temper
 from ghn.errors import ConfigError, GHNError
 from ghn.hub import train_config_of
 from ghn.hypernet.predict import prepare
@@ -332,11 +330,10 @@ class Result:
     num_params: int
     metric: str
     curves: dict[str, Curve]
-    predicted_params: Any = None  # nnx.State of the predicted init (before fine-tuning)
-    # Per tempered init: the factor its output layer was scaled by (`ghn.calibrate`), and
-    # the weight it kept when it was blended toward the random init (`safeguard`).
-    output_scales: dict[str, float] = dataclasses.field(default_factory=dict)
-    blends: dict[str, float] = dataclasses.field(default_factory=dict)
+    predicted_params: Any = None  # nnx.State of the prepared prediction (before fine-tuning)
+    # Per predicted init: what `ghn.calibrate.prepare` did to it (blocks, mix, output
+    # factor, blend weight).
+    prepared: dict[str, calibrate.Prepared] = dataclasses.field(default_factory=dict)
 
     def rows(self) -> list[dict[str, Any]]:
         """One table row per initialization: metrics at 0, N/10 and N, and the speed-up."""
@@ -355,10 +352,11 @@ class Result:
                 row[f"{self.metric}_{label}"] = at["metric"]
             row["speedup"] = None if init == "random" else speedup(curve, self.curves["random"])
             row["reached"] = init == "random" or row["speedup"] is not None
-            if init in self.output_scales:
-                row["output_scale"] = self.output_scales[init]
-            if self.blends.get(init, 1.0) < 1.0:
-                row["blend"] = self.blends[init]
+            if init in self.prepared:
+                p = self.prepared[init]
+                row["blocks"], row["mix"], row["output_scale"] = p.blocks, p.mix, p.alpha
+                if p.blend < 1.0:
+                    row["blend"] = p.blend
             out.append(row)
         return out
 
@@ -371,31 +369,51 @@ def predict_model(hyper, spec: ArchSpec, setup: Setup, seed: int = 0) -> tuple[n
     return model, predicted
 
 
-# Training batches the output layer of a prediction is tempered on (`ghn.calibrate`).
+# Training batches a prediction is prepared on (`ghn.calibrate.prepare`).
 TEMPER_BATCHES = 4
-# When predictions are tempered: "auto" only those worse than the random init on those
-# batches, and blended toward it when tempering is not enough (`ghn.calibrate.safeguard`).
-TEMPER_MODES = ("auto", "always", "never")
+TEMPER_MODES = calibrate.TEMPER_MODES
+BLOCKS = calibrate.BLOCKS
 
 
-def temper_prediction(
-    model: nnx.Module, spec: ArchSpec, setup: Setup, recipe: Recipe, mode: str
-) -> tuple[float, float] | None:
-    """Tempers `model`'s output layer on the first training batches of `recipe`'s order
-    (per `mode`, one of `TEMPER_MODES`; "auto" holds it to the random init of
-    `recipe.seed` there, `ghn.calibrate.safeguard`); (alpha, blend weight b), or None
-    with mode "never"."""
-    if mode not in TEMPER_MODES:
-        raise ValueError(f"temper must be one of {TEMPER_MODES}, got {mode!r}")
-    if mode == "never":
-        return None
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """How a prediction becomes the init fine-tuned from (`ghn.calibrate.prepare`)."""
+
+    blocks: str = "auto"
+    mix: float = calibrate.MIX
+    temper_mode: str = "auto"
+
+    def __post_init__(self):
+        if self.blocks not in BLOCKS:
+            raise ConfigError(f"blocks must be one of {BLOCKS}, got {self.blocks!r}")
+        if self.temper_mode not in TEMPER_MODES:
+            raise ConfigError(f"temper must be one of {TEMPER_MODES}, got {self.temper_mode!r}")
+        if not 0.0 <= self.mix <= 1.0:
+            raise ConfigError(f"mix must be in [0, 1], got {self.mix}")
+
+
+# The prediction as the GHN made it: no block choice, no mix, no tempering.
+RAW = Policy(blocks="predicted", mix=0.0, temper_mode="never")
+
+
+def prepare_prediction(
+    model: nnx.Module, spec: ArchSpec, setup: Setup, recipe: Recipe, policy: Policy
+) -> calibrate.Prepared:
+    """`ghn.calibrate.prepare` on the first training batches of `recipe`'s order, against
+    the random init of `recipe.seed`."""
     it = setup.train_iterator(recipe)
     batches = [next(it) for _ in range(TEMPER_BATCHES)]
-    x = setup.input_spec(spec)
-    if mode == "always":
-        return temper(model, setup.task, batches, example_input=x, when="always"), 1.0
     reference = spec.build(rngs=nnx.Rngs(recipe.seed))
-    return safeguard(model, reference, setup.task, batches, example_input=x)
+    return calibrate.prepare(
+        model,
+        reference,
+        setup.task,
+        batches,
+        blocks=policy.blocks,
+        mix=policy.mix,
+        temper_mode=policy.temper_mode,
+        example_input=setup.input_spec(spec),
+    )
 
 
 def compare(
@@ -404,58 +422,47 @@ def compare(
     setup: Setup,
     recipe: Recipe,
     *,
+    policy: Policy = Policy(),
+    variants: dict[str, Policy] | None = None,
     baseline_ghns: dict[str, Any] | None = None,
-    noise_mixes: Sequence[float] = (),
     baselines: Sequence[str] = (),
-    temper_mode: str = "auto",
     progress: bool = False,
 ) -> Result:
     """Fine-tunes `spec` from `hyper`'s prediction and from the family's random init.
 
-    `baseline_ghns` adds more predicted inits by label (e.g. a GHN with
-    another decoder). All runs share the recipe, data order and seeds; the random init is
+    All runs share the recipe, data order and seeds; the random init is
     `spec.build(rngs=nnx.Rngs(recipe.seed))`, and predicted inits start from the
-    same model with every parameter replaced. Each `a` in `noise_mixes` adds
-    the init "predicted+noise{a}" (`mix_with_random`): the prediction blended
-    with the random init, which restores full rank to predicted matrices.
-    Each name in `baselines` (`ghn.baselines.BASELINES`, e.g. "mimetic") adds
-    that closed-form init, built from the same random init with the same seed.
-
-    `temper_mode` "auto" (the default) holds a GHN's prediction to the random init on
-    `TEMPER_BATCHES` training batches (`ghn.calibrate.safeguard`: untouched when no
-    worse there, else its output layer tempered, then blended toward the random init
-    if still worse); "always" tempers every GHN's prediction's output layer
-    (`ghn.calibrate.temper`: logits scaled by the alpha in [0, 1] that minimizes the
-    loss there); "never" leaves every prediction as is.
+    same model with every parameter replaced, then prepared by `policy`
+    (`prepare_prediction`: blocks kept or taken from the random init, blended with
+    it, held to its loss; the default `Policy()`). `variants` adds the same
+    prediction prepared otherwise, by label (e.g. {"raw": RAW}, the prediction as
+    the GHN made it). `baseline_ghns` adds other GHNs' predictions by label (e.g. a
+    GHN with another decoder), prepared by `policy`. Each name in `baselines`
+    (`ghn.baselines.BASELINES`, e.g. "mimetic") adds that closed-form init, built
+    from the same random init with the same seed.
     """
     spec = setup.fit(spec)
     for name in baselines:
         check_baseline(name, spec)  # before any fine-tuning
     eval_data = setup.eval_batches(recipe)
     curves: dict[str, Curve] = {}
-    scales: dict[str, float] = {}
+    prepared: dict[str, calibrate.Prepared] = {}
     model, predicted = predict_model(hyper, spec, setup, recipe.seed)
-    blends: dict[str, float] = {}
-    tempered = temper_prediction(model, spec, setup, recipe, temper_mode)
-    if tempered is not None:
-        scales["predicted"], blends["predicted"] = tempered
-        predicted = nnx.state(model, nnx.Param)
-    predicted_copy = jax.tree.map(jnp.copy, predicted)
-    curves["predicted"] = finetune(
-        model, setup, recipe, init="predicted", progress=progress, eval_data=eval_data
-    )
-    for a in noise_mixes:
-        model = spec.build(rngs=nnx.Rngs(recipe.seed))
-        nnx.update(model, mix_with_random(predicted_copy, nnx.state(model, nnx.Param), a))
-        name = f"predicted+noise{a:g}"
-        curves[name] = finetune(
-            model, setup, recipe, init=name, progress=progress, eval_data=eval_data
-        )
-    for name, other in (baseline_ghns or {}).items():
-        model, _ = predict_model(other, spec, setup, recipe.seed)
-        tempered = temper_prediction(model, spec, setup, recipe, temper_mode)
-        if tempered is not None:
-            scales[name], blends[name] = tempered
+    raw = jax.tree.map(jnp.copy, predicted)
+    inits = [("predicted", hyper, policy), *((k, None, p) for k, p in (variants or {}).items())]
+    inits += [(k, other, policy) for k, other in (baseline_ghns or {}).items()]
+    kept = None
+    for name, source, how in inits:
+        if source is hyper:
+            pass  # the model already holds the prediction
+        elif source is None:
+            model = spec.build(rngs=nnx.Rngs(recipe.seed))
+            nnx.update(model, jax.tree.map(jnp.copy, raw))
+        else:
+            model, _ = predict_model(source, spec, setup, recipe.seed)
+        prepared[name] = prepare_prediction(model, spec, setup, recipe, how)
+        if kept is None:
+            kept = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
         curves[name] = finetune(
             model, setup, recipe, init=name, progress=progress, eval_data=eval_data
         )
@@ -470,7 +477,7 @@ def compare(
     curves["random"] = finetune(
         model, setup, recipe, init="random", progress=progress, eval_data=eval_data
     )
-    return Result(spec, num_params, setup.task.metric, curves, predicted_copy, scales, blends)
+    return Result(spec, num_params, setup.task.metric, curves, kept, prepared)
 
 
 def check_fits(hyper, spec: ArchSpec, setup: Setup, label: str = "the") -> None:
@@ -495,10 +502,10 @@ def run(
     *,
     ghn_name: str = "",
     ghn_source: str | None = None,
+    policy: Policy = Policy(),
+    variants: dict[str, Policy] | None = None,
     baseline_ghns: dict[str, Any] | None = None,
-    noise_mixes: Sequence[float] = (),
     baselines: Sequence[str] = (),
-    temper_mode: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """`compare` for every spec, writing what eval.py promises to `workdir`.
@@ -524,10 +531,10 @@ def run(
             spec,
             setup,
             recipe,
+            policy=policy,
+            variants=variants,
             baseline_ghns=baseline_ghns,
-            noise_mixes=noise_mixes,
             baselines=baselines,
-            temper_mode=temper_mode,
             progress=progress,
         )
         rows += result.rows()
@@ -543,7 +550,8 @@ def run(
             "data": setup.train.name,
             "metric": metric,
             "recipe": dataclasses.asdict(recipe),
-            "temper": temper_mode,
+            "policy": dataclasses.asdict(policy),
+            "variants": {k: dataclasses.asdict(v) for k, v in (variants or {}).items()},
             "seconds": round(time.perf_counter() - start, 1),
             "rows": rows,
         }
@@ -553,7 +561,7 @@ def run(
         (workdir / "results.md").write_text(
             f"GHN `{ghn_name}` on {setup.train.name}, N = {recipe.steps} fine-tuning steps "
             f"(lr {recipe.lr}, batch {recipe.batch_size}, seed {recipe.seed})."
-            + TEMPER_NOTES[temper_mode]
+            + policy_note(policy)
             + "\n\n"
             + table
         )
@@ -561,25 +569,6 @@ def run(
         print(markdown_table(rows, metric))
     print(f"wrote {workdir}/results.json, results.md, curves/, predicted/")
     return record
-
-
-def mix_with_random(predicted, random, a: float):
-    """sqrt(1 - a^2) * predicted + a * random for every matrix and kernel (ndim >= 2).
-
-    Vectors (biases, norm scales) keep their predicted values. For independent
-    parts of equal variance the blend keeps the variance, and any a > 0 makes
-    the rank-r predicted matrices full rank.
-    """
-    if not 0.0 <= a <= 1.0:
-        raise ConfigError(f"noise mix must be in [0, 1], got {a}")
-    keep = math.sqrt(1.0 - a * a)
-
-    def mix(p, r):
-        if p.ndim < 2 or not jnp.issubdtype(p.dtype, jnp.floating):
-            return p
-        return (keep * p + a * r).astype(p.dtype)
-
-    return jax.tree.map(mix, predicted, random)
 
 
 def smooth(values: Sequence[float], window: int) -> np.ndarray:
@@ -598,6 +587,7 @@ COLORS = {
     "transpose": "tab:orange",
     "view": "tab:purple",
     "mimetic": "tab:red",
+    "raw": "tab:brown",
 }
 for _i, _a in enumerate((0.25, 0.5, 0.75)):
     COLORS[f"predicted+noise{_a:g}"] = ("tab:cyan", "tab:green", "tab:olive")[_i]
@@ -647,21 +637,33 @@ def format_value(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
-TEMPER_NOTES = {
-    "always": " Predicted inits have their output layer tempered on 4 training batches"
-    " (`ghn.calibrate`; the factor is shown as x alpha when below 1).",
-    "auto": " Predicted inits worse than the random init on 4 training batches have"
-    " their output layer tempered there (`ghn.calibrate.safeguard`; shown as x alpha),"
-    " and are blended toward the random init when that is not enough (shown as"
-    " blend b: b x tempered + (1 - b) x random).",
-    "never": "",
-}
+def policy_note(policy: Policy) -> str:
+    """What the tables' labels mean for predictions prepared by `policy`."""
+    note = (
+        " Predicted inits are prepared on 4 training batches (`ghn.calibrate.prepare`):"
+        f' blocks {policy.blocks} (shown as "random blocks" where the random init\'s'
+        " were taken)"
+    )
+    if policy.mix:
+        note += f", every predicted matrix blended with the random init at a = {policy.mix:g}"
+    if policy.temper_mode == "auto":
+        note += (
+            ", then held to the random init's loss there: output layer tempered (x alpha),"
+            " blended toward the random init if that is not enough (blend b)"
+        )
+    elif policy.temper_mode == "always":
+        note += ", then the output layer tempered (x alpha)"
+    return note + "."
 
 
 def init_label(row: dict[str, Any]) -> str:
-    """The init's name, with its tempering factor when it was scaled down and its blend
-    weight when it was blended toward the random init."""
+    """The init's name, with what preparing it did: random blocks, the mix weight, the
+    tempering factor when it was scaled down, the blend weight toward the random init."""
     scale, label = row.get("output_scale"), row["init"]
+    if row.get("blocks") == "random":
+        label += ", random blocks"
+    if row.get("mix"):
+        label += f", mix {row['mix']:g}"
     if scale is not None and scale < 1.0:
         label += f" x{scale:.2f}"
     if "blend" in row:

@@ -1,4 +1,5 @@
-"""Counting parameters: the one counter every module uses."""
+"""Counting parameters (the one counter every module uses), and combining a predicted
+parameter tree with a random init of the same tree."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+
+from ghn.errors import ConfigError
 
 
 def count_params(x: Any) -> int:
@@ -21,3 +25,40 @@ def count_params(x: Any) -> int:
         x = nnx.state(x, nnx.Param)
     leaves = jax.tree.leaves(x, is_leaf=lambda v: hasattr(v, "shape") and not isinstance(v, dict))
     return sum(math.prod(v.shape) for v in leaves)
+
+
+def in_repeated_block(path: tuple) -> bool:
+    """Whether a state path (`jax.tree_util` keys) runs through a sequence of modules:
+    an integer key, as in `blocks[3].attn.qkv.kernel` (an `nnx.List` of blocks)."""
+    return any(isinstance(getattr(k, "key", getattr(k, "idx", None)), int) for k in path)
+
+
+def with_random_blocks(predicted, random):
+    """`predicted` outside the model's repeated blocks, `random` inside them.
+
+    Kept from `predicted`: the stem (token, patch and position embeddings, class
+    token), the final norm and the output head; every parameter under an integer
+    key (`in_repeated_block`) comes from `random`.
+    """
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p, r: r if in_repeated_block(path) else p, predicted, random
+    )
+
+
+def mix_with_random(predicted, random, a: float):
+    """sqrt(1 - a^2) * predicted + a * random for every matrix and kernel (ndim >= 2).
+
+    Vectors (biases, norm scales) keep their predicted values. For independent
+    parts of equal variance the blend keeps the variance, and any a > 0 makes
+    the rank-r predicted matrices full rank.
+    """
+    if not 0.0 <= a <= 1.0:
+        raise ConfigError(f"mix must be in [0, 1], got {a}")
+    keep = math.sqrt(1.0 - a * a)
+
+    def mix(p, r):
+        if p.ndim < 2 or not jnp.issubdtype(p.dtype, jnp.floating):
+            return p
+        return (keep * p + a * r).astype(p.dtype)
+
+    return jax.tree.map(mix, predicted, random)

@@ -12,9 +12,19 @@ from flax import nnx
 from tolerances import assert_close, transformer_reduction
 
 from ghn import zoo
-from ghn.calibrate import BLEND_GRID, fit_scale, mean_loss, output_scale_paths, safeguard, temper
+from ghn.calibrate import (
+    BLEND_GRID,
+    fit_scale,
+    keep_blocks,
+    mean_loss,
+    output_scale_paths,
+    prepare,
+    safeguard,
+    temper,
+)
 from ghn.errors import ConfigError
 from ghn.graph import trace
+from ghn.params import with_random_blocks
 from ghn.tasks import Task
 
 
@@ -198,3 +208,113 @@ def test_safeguard_holds_a_prediction_to_the_reference_init():
     # safeguard compares losses of its jitted forward, `_loss` runs eagerly: float32
     # round-off of a loss ~1 over 5 classes and a 2-block forward, far below any gap.
     assert _loss(bad, right) <= bar + 1e-5
+
+
+def _params(model) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+
+
+def test_safeguard_returns_one_blend_of_the_tempered_prediction_and_the_reference():
+    """Labels from the midpoint of two ViTs with one head; the reference a quarter of the
+    way from the second to the first; the prediction the first with its head negated and
+    sharpened. Tempering zeroes that head (loss ln 5, above the reference's), and the
+    blend's body passes the midpoint at b = 1/3, so the best b lies inside the grid."""
+    rng = np.random.default_rng(3)
+    images = [rng.normal(size=(16, 8, 8, 3)).astype(np.float32) for _ in range(3)]
+    a, b_ = perturbed(vit()[1], 0), perturbed(vit()[1], 1)
+    b_.head.kernel[...], b_.head.bias[...] = a.head.kernel[...], a.head.bias[...]
+
+    def between(w):
+        m = vit()[1]
+        pa, pb = nnx.state(a, nnx.Param), nnx.state(b_, nnx.Param)
+        nnx.update(m, jax.tree.map(lambda x, y: w * x + (1 - w) * y, pa, pb))
+        return m
+
+    mid = between(0.5)
+    labels = [{"image": x, "label": np.asarray(mid(jnp.asarray(x))).argmax(-1)} for x in images]
+    reference = between(0.25)
+    pred = perturbed(vit()[1], 0)
+    pred.head.kernel[...], pred.head.bias[...] = -3 * a.head.kernel[...], -3 * a.head.bias[...]
+    before, ref = _params(pred), _params(reference)
+    alpha, b = safeguard(pred, reference, "image", labels)
+    assert 0.0 < b < 1.0 and b in BLEND_GRID and alpha < 1.0
+    assert _loss(pred, labels) < _loss(reference, labels)
+    # One blend of the tempered prediction and the reference (the blends tried along the
+    # grid do not compound): a few float32 roundings per element.
+    for k, p in _params(pred).items():
+        t = before[k].astype(np.float64) * (alpha if k.startswith("['head']") else 1.0)
+        want = b * t + (1.0 - b) * ref[k]
+        scale = np.abs(t).max() + np.abs(ref[k]).max()
+        assert_close(p, want, reduction=3, scale=scale, err_msg=k)
+
+
+def test_keep_blocks_keeps_blocks_that_carry_the_gain_and_only_those():
+    rng = np.random.default_rng(4)
+    images = [rng.normal(size=(16, 8, 8, 3)).astype(np.float32) for _ in range(3)]
+
+    def labelled_by(model):
+        return [{"image": x, "label": np.asarray(model(jnp.asarray(x))).argmax(-1)} for x in images]
+
+    reference = vit()[1]  # the zoo's init: zero head, loss ln 5 on any labels
+    # The labels are the prediction's own argmax, which runs through its blocks: with the
+    # reference's blocks under the same stem and head the labels are (mostly) missed.
+    pred = perturbed(vit()[1], 0)
+    right = labelled_by(pred)
+    keep, losses = keep_blocks(pred, reference, "image", right)
+    swapped = perturbed(vit()[1], 0)
+    nnx.update(swapped, with_random_blocks(nnx.state(pred), nnx.state(reference)))
+    # Jitted against eager forwards: float32 round-off of a loss ~1, far below the gaps.
+    assert losses["pred"] == pytest.approx(_loss(pred, right), abs=1e-5)
+    assert losses["ref"] == pytest.approx(math.log(5), abs=1e-5)
+    assert losses["blocks"] == pytest.approx(_loss(swapped, right), abs=1e-5)
+    assert losses["blocks"] - losses["pred"] >= 0.5 * (losses["ref"] - losses["pred"]) > 0
+    assert keep
+    np.testing.assert_equal(_params(pred), _params(perturbed(vit()[1], 0)))  # not changed
+
+    # A prediction whose blocks are the reference's: they carry none of its gain.
+    labels = labelled_by(swapped)
+    keep, losses = keep_blocks(swapped, reference, "image", labels)
+    assert losses["pred"] < losses["ref"] and losses["blocks"] == losses["pred"]
+    assert not keep
+
+    # A prediction worse than the reference has no gain for its blocks to carry.
+    wrong = [
+        {"image": b["image"], "label": np.asarray(pred(jnp.asarray(b["image"]))).argmin(-1)}
+        for b in right
+    ]
+    keep, losses = keep_blocks(pred, reference, "image", wrong)
+    assert losses["pred"] > losses["ref"] and not keep
+
+
+def test_prepare_takes_blocks_mixes_matrices_and_holds_the_loss():
+    rng = np.random.default_rng(5)
+    images = [rng.normal(size=(16, 8, 8, 3)).astype(np.float32) for _ in range(3)]
+    labels = [{"image": x, "label": rng.integers(0, 5, 16)} for x in images]
+    reference = perturbed(vit()[1], 1)  # nonzero everywhere, so every mix is visible
+    pred, ref = _params(perturbed(vit()[1], 0)), _params(reference)
+
+    model = perturbed(vit()[1], 0)
+    done = prepare(model, reference, "image", labels, blocks="random", mix=0.6, temper_mode="never")
+    assert (done.blocks, done.mix, done.alpha, done.blend) == ("random", 0.6, 1.0, 1.0)
+    got = _params(model)
+    for k, p in pred.items():
+        if k.startswith("['blocks']"):
+            np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+        elif p.ndim >= 2:  # one float32 multiply-add per element, at the terms' scale
+            want = 0.8 * p.astype(np.float64) + 0.6 * ref[k]
+            scale = 0.8 * np.abs(p).max() + 0.6 * np.abs(ref[k]).max()
+            assert_close(got[k], want, reduction=1, scale=scale, err_msg=k)
+        else:
+            np.testing.assert_array_equal(got[k], p, err_msg=k)
+
+    model = perturbed(vit()[1], 0)
+    done = prepare(model, reference, "image", labels, blocks="predicted", mix=0.0)
+    for k, p in pred.items():
+        if k.startswith("['blocks']"):
+            np.testing.assert_array_equal(_params(model)[k], p, err_msg=k)
+    # temper_mode "auto" (the default): never above the reference on the batches.
+    assert _loss(model, labels) <= _loss(reference, labels) + 1e-5
+    assert done.blocks == "predicted" and done.losses == {}
+    with pytest.raises(ConfigError, match="blocks"):
+        prepare(model, reference, "image", labels, blocks="some")

@@ -13,7 +13,7 @@ from test_train_common import ROOT, env, tiny_config
 from tolerances import assert_close, predict_reduction, transformer_reduction
 
 import ghn
-from ghn import cli, evaluate, hub, zoo
+from ghn import cli, evaluate, hub, params, zoo
 from ghn.calibrate import output_scale_paths
 from ghn.train import run
 
@@ -195,28 +195,46 @@ def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path
         "--eval_batches=1",
         "--eval_batch_size=50",
         "--baselines=mimetic",
+        "--blocks=predicted",
+        "--mix=0",
         "--temper=always",
+        "--raw",
+        "--noise_mix=0.5",
         f"--workdir={out}",
     ]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((out / "results.json").read_text())
     rows = record["rows"]
-    assert [r["init"] for r in rows] == ["predicted", "mimetic", "random"]
+    assert [r["init"] for r in rows] == [
+        "predicted",
+        "raw",
+        "predicted+noise0.5",
+        "mimetic",
+        "random",
+    ]
+    pred, raw, mixed, mimetic, rand = rows
+    assert record["policy"] == {"blocks": "predicted", "mix": 0.0, "temper_mode": "always"}
+    assert record["variants"]["raw"] == {"blocks": "predicted", "mix": 0.0, "temper_mode": "never"}
+    assert record["variants"]["predicted+noise0.5"]["mix"] == 0.5
     assert record["metric"] == "accuracy" and record["recipe"]["steps"] == 4
     for r in rows:
         for key in ("loss_0", "loss_n10", "loss_n", "accuracy_0", "accuracy_n"):
             assert np.isfinite(r[key]), key
     # Different inits, same data: training differs. (Mimetic init keeps the ViT's zero
     # head, so at step 0 it predicts uniformly, as random init does.)
-    assert rows[0]["loss_n"] != rows[2]["loss_n"]
-    assert rows[1]["loss_0"] == rows[2]["loss_0"] and rows[1]["loss_n"] != rows[2]["loss_n"]
+    assert pred["loss_n"] != rand["loss_n"]
+    assert mimetic["loss_0"] == rand["loss_0"] and mimetic["loss_n"] != rand["loss_n"]
+    # The blend with the random init trains as neither of the two. (Tempering may zero
+    # both heads of this 3-step GHN's predictions, so their step-0 losses may agree.)
+    assert mixed["mix"] == 0.5 and mixed["loss_n"] not in (pred["loss_n"], rand["loss_n"])
     # The prediction was tempered (--temper=always): its output layer scaled by alpha in
     # [0, 1].
-    alpha = rows[0]["output_scale"]
-    assert record["temper"] == "always" and 0.0 <= alpha <= 1.0
-    assert "output_scale" not in rows[2]
-    assert "speedup" in rows[1] and "reached" in rows[1]  # relative to random, as predicted's
+    alpha = pred["output_scale"]
+    assert 0.0 <= alpha <= 1.0
+    assert raw["output_scale"] == 1.0 and raw["mix"] == 0.0 and raw["blocks"] == "predicted"
+    assert 0.0 <= mixed["output_scale"] <= 1.0 and "output_scale" not in rand
+    assert "speedup" in mimetic and "reached" in mimetic  # relative to random, as predicted's
     arch = rows[0]["arch"]
     assert (out / "curves" / f"{arch}.png").stat().st_size > 10_000
     assert arch in (out / "results.md").read_text()
@@ -297,7 +315,7 @@ def test_noise_mix_restores_full_rank_and_keeps_vectors():
     full = rng.normal(size=(64, 48))
     predicted = {"w": jax.numpy.asarray(low_rank), "b": jax.numpy.ones(48)}
     random = {"w": jax.numpy.asarray(full), "b": jax.numpy.zeros(48)}
-    mixed = evaluate.mix_with_random(predicted, random, 0.5)
+    mixed = params.mix_with_random(predicted, random, 0.5)
     np.testing.assert_array_equal(mixed["b"], predicted["b"])  # passed through: a copy
     assert np.linalg.matrix_rank(np.asarray(predicted["w"])) == 4
     assert np.linalg.matrix_rank(np.asarray(mixed["w"])) == 48
@@ -306,4 +324,21 @@ def test_noise_mix_restores_full_rank_and_keeps_vectors():
     assert_close(mixed["w"], np.sqrt(0.75) * low_rank + 0.5 * full, reduction=1, scale=scale)
     assert abs(np.std(mixed["w"]) - 1.0) < 0.15
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
-        evaluate.mix_with_random(predicted, random, 1.5)
+        params.mix_with_random(predicted, random, 1.5)
+
+
+def test_random_blocks_keep_the_predicted_stem_and_head():
+    spec = zoo.GPT2Spec(depth=2, width=32, num_heads=4, vocab_size=64, context_length=16)
+    predicted = nnx.state(spec.build(rngs=nnx.Rngs(1)), nnx.Param)
+    random = nnx.state(spec.build(rngs=nnx.Rngs(2)), nnx.Param)
+    pure = lambda state: flat(nnx.to_pure_dict(state))
+    mixed = pure(params.with_random_blocks(predicted, random))
+    p, r = pure(predicted), pure(random)
+    blocks = {k for k in p if k.startswith("blocks/")}
+    assert blocks and {k.split("/")[1] for k in blocks} == {"0", "1"}
+    assert {k for k in p if k not in blocks} >= {"wte/embedding", "wpe/embedding", "ln_f/scale"}
+    for k in p:
+        want = r[k] if k in blocks else p[k]
+        np.testing.assert_array_equal(mixed[k], want, err_msg=k)
+    # The two inits differ wherever they are random, so the test can tell them apart.
+    assert all(not np.array_equal(p[k], r[k]) for k in p if k.endswith(("kernel", "embedding")))

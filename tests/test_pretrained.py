@@ -41,11 +41,11 @@ def validation_metrics(model, setup, batches: int) -> dict[str, float]:
 
 
 def default_and_random(hyper, spec, setup) -> tuple[dict, dict]:
-    """Step-0 metrics of the prediction as eval.py uses it by default (held to the random
-    init on 4 training batches, `ghn.calibrate.safeguard`) and of the random init, on 300
-    examples."""
+    """Step-0 metrics of the prediction as eval.py uses it by default (prepared on 4
+    training batches, `ghn.calibrate.prepare`: blocks kept or not, mixed with the random
+    init, held to its loss) and of the random init, on 300 examples."""
     model, _ = evaluate.predict_model(hyper, spec, setup)
-    evaluate.temper_prediction(model, spec, setup, evaluate.Recipe(), "auto")
+    evaluate.prepare_prediction(model, spec, setup, evaluate.Recipe(), evaluate.Policy())
     predicted = validation_metrics(model, setup, batches=3)
     return predicted, validation_metrics(spec.build(rngs=nnx.Rngs(0)), setup, batches=3)
 
