@@ -355,6 +355,8 @@ class Result:
             if init in self.prepared:
                 p = self.prepared[init]
                 row["blocks"], row["mix"], row["output_scale"] = p.blocks, p.mix, p.alpha
+                if p.losses:  # what `keep_blocks` measured on the training batches
+                    row["blocks_losses"] = {k: round(v, 4) for k, v in p.losses.items()}
                 if p.blend < 1.0:
                     row["blend"] = p.blend
             out.append(row)
