@@ -290,6 +290,16 @@ def keep_blocks(
     return keep, losses
 
 
+def check_preparation(blocks: str, mix: float, temper_mode: str) -> None:
+    """The error for an unknown `prepare` setting (checked before any work)."""
+    if blocks not in BLOCKS:
+        raise ConfigError(f"blocks must be one of {BLOCKS}, got {blocks!r}")
+    if temper_mode not in TEMPER_MODES:
+        raise ConfigError(f"temper_mode must be one of {TEMPER_MODES}, got {temper_mode!r}")
+    if not 0.0 <= mix <= 1.0:
+        raise ConfigError(f"mix must be in [0, 1], got {mix}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Prepared:
     """What `prepare` did: blocks kept, mix weight, output factor, blend weight."""
@@ -325,10 +335,7 @@ def prepare(
     3. temper_mode: "auto" holds the result to `reference`'s loss (`safeguard`),
        "always" tempers its output layer (`temper`), "never" leaves it.
     """
-    if blocks not in BLOCKS:
-        raise ConfigError(f"blocks must be one of {BLOCKS}, got {blocks!r}")
-    if temper_mode not in TEMPER_MODES:
-        raise ConfigError(f"temper_mode must be one of {TEMPER_MODES}, got {temper_mode!r}")
+    check_preparation(blocks, mix, temper_mode)
     batches, task = list(batches), _task(task)
     losses: dict[str, float] = {}
     keep = blocks == "predicted"

@@ -373,8 +373,6 @@ def predict_model(hyper, spec: ArchSpec, setup: Setup, seed: int = 0) -> tuple[n
 
 # Training batches a prediction is prepared on (`ghn.calibrate.prepare`).
 TEMPER_BATCHES = 4
-TEMPER_MODES = calibrate.TEMPER_MODES
-BLOCKS = calibrate.BLOCKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,12 +384,7 @@ class Policy:
     temper_mode: str = "auto"
 
     def __post_init__(self):
-        if self.blocks not in BLOCKS:
-            raise ConfigError(f"blocks must be one of {BLOCKS}, got {self.blocks!r}")
-        if self.temper_mode not in TEMPER_MODES:
-            raise ConfigError(f"temper must be one of {TEMPER_MODES}, got {self.temper_mode!r}")
-        if not 0.0 <= self.mix <= 1.0:
-            raise ConfigError(f"mix must be in [0, 1], got {self.mix}")
+        calibrate.check_preparation(self.blocks, self.mix, self.temper_mode)
 
 
 # The prediction as the GHN made it: no block choice, no mix, no tempering.
