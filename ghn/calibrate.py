@@ -43,7 +43,7 @@ from flax import nnx
 from ghn.errors import ConfigError
 from ghn.graph import Graph, trace
 from ghn.graph.graph import norm_like
-from ghn.params import mix_with_random, with_random_blocks
+from ghn.params import in_repeated_block, mix_with_random, with_random_blocks
 from ghn.tasks import Task
 
 
@@ -275,10 +275,13 @@ def keep_blocks(
     far behind fine-tuning from random ones under the same predicted stem and head;
     where they carry the gain (held-out ViTs), replacing them loses it. Returns
     (keep, {"pred": L_pred, "blocks": L_blocks, "ref": L_ref}); `model` is not changed.
+    A model without repeated blocks keeps what it has: (True, {}).
     """
+    pred = params_of(model)
+    if not any(in_repeated_block(p) for p, _ in jax.tree_util.tree_leaves_with_path(pred)):
+        return True, {}  # no repeated blocks: nothing to keep or replace
     batches, task = list(batches), _task(task)
     forward = _forward(task)
-    pred = params_of(model)
     ref = params_of(reference)
     losses = {"pred": mean_loss(*_logits_and_labels(model, task, batches, forward))}
     losses["ref"] = mean_loss(*_logits_and_labels(reference, task, batches, forward))

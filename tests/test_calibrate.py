@@ -286,6 +286,13 @@ def test_keep_blocks_keeps_blocks_that_carry_the_gain_and_only_those():
     keep, losses = keep_blocks(pred, reference, "image", wrong)
     assert losses["pred"] > losses["ref"] and not keep
 
+    # A model with no repeated blocks (a plain CNN) has nothing to replace.
+    cnn = SmallCNN(rngs=nnx.Rngs(0))
+    images = [
+        {"image": rng.normal(size=(4, 16, 16, 3)).astype(np.float32), "label": np.zeros(4, int)}
+    ]
+    assert keep_blocks(cnn, SmallCNN(rngs=nnx.Rngs(1)), "image", images) == (True, {})
+
 
 def test_prepare_takes_blocks_mixes_matrices_and_holds_the_loss():
     rng = np.random.default_rng(5)
