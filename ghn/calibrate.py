@@ -32,6 +32,7 @@ scaled instead (LN(x) = g * x_hat + b, so logits = E @ (alpha * LN(x))).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterable
 
@@ -108,7 +109,10 @@ def fit_scale(logits_NxC: np.ndarray, labels_N: np.ndarray, *, max_scale: float 
     return 0.5 * (lo + hi)
 
 
+@functools.cache
 def _forward(task: Task):
+    # One jitted function per task, so `keep_blocks`, `safeguard` and `temper` share its
+    # compiled programs (one per parameter tree and batch shape).
     return nnx.jit(lambda m, b: task.logits_and_labels(m, b))
 
 
@@ -206,7 +210,13 @@ BLEND_GRID = tuple(np.linspace(0.0, 1.0, 9))
 
 
 def safeguard(
-    model: nnx.Module, reference: nnx.Module, task, batches: Iterable[dict], *, example_input=None
+    model: nnx.Module,
+    reference: nnx.Module,
+    task,
+    batches: Iterable[dict],
+    *,
+    example_input=None,
+    reference_loss: float | None = None,
 ) -> tuple[float, float]:
     """Holds `model` (a prediction) to `reference`'s loss on `batches`, in place.
 
@@ -215,13 +225,16 @@ def safeguard(
     alpha the output layer's temperature factor (1: untouched), b the weight of the
     tempered prediction in the blend with the reference (1: no blend). See the module
     docstring; the loss on `batches` after this is at most the reference's.
+    `reference_loss`: `reference`'s loss on `batches` where the caller measured it.
     """
     batches, task = list(batches), _task(task)
     if example_input is None:
         example_input = _default_input(task, batches)
     forward = _forward(task)  # one program for every model of this tree and shapes
     logits_NxC, labels_N = _logits_and_labels(model, task, batches, forward)
-    bar = mean_loss(*_logits_and_labels(reference, task, batches, forward))
+    bar = reference_loss
+    if bar is None:
+        bar = mean_loss(*_logits_and_labels(reference, task, batches, forward))
     if mean_loss(logits_NxC, labels_N) <= bar:
         return 1.0, 1.0
     alpha = fit_scale(logits_NxC, labels_N)
@@ -351,7 +364,14 @@ def prepare(
     nnx.update(model, state if keep else with_random_blocks(state, ref))
     alpha, b = 1.0, 1.0
     if temper_mode == "auto":
-        alpha, b = safeguard(model, reference, task, batches, example_input=example_input)
+        alpha, b = safeguard(
+            model,
+            reference,
+            task,
+            batches,
+            example_input=example_input,
+            reference_loss=losses.get("ref"),
+        )
     elif temper_mode == "always":
         alpha = temper(model, task, batches, example_input=example_input)
     return Prepared("predicted" if keep else "random", mix, alpha, b, losses)

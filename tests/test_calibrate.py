@@ -187,6 +187,11 @@ def test_safeguard_holds_a_prediction_to_the_reference_init():
     assert safeguard(model, reference, "image", right) == (1.0, 1.0)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model)), before)
 
+    # A reference loss the caller measured is the bar (`prepare` passes keep_blocks'): with
+    # a bar of 0 no tempering reaches sends the prediction to the reference (b = 0), where
+    # the chance-level reference's own loss would stop at tempering (next check).
+    assert safeguard(fresh(0), reference, "image", wrong, reference_loss=0.0)[1] == 0.0
+
     # Worse than a chance-level reference: tempering reaches it, no blend.
     alpha, b = safeguard(model, reference, "image", wrong)
     assert 0.0 <= alpha < 1.0 and b == 1.0
