@@ -25,10 +25,11 @@ training batches and against the random init it replaces:
 --blocks (default auto) keeps the predicted blocks only when they carry at
 least half of the prediction's gain over the random init there, else takes
 the random init's blocks under the predicted stem and head
-(`ghn.calibrate.keep_blocks`); --mix (default 0.5) blends every predicted
-matrix with the random init, sqrt(1 - a^2) x predicted + a x random (full rank,
-each layer its own); then --temper. --raw adds a row for the prediction as the
-GHN made it.
+(`ghn.calibrate.keep_blocks`); then the random init is added to every
+predicted matrix, predicted + a x random with a = --mix (default 1: the random
+init at its full scale under the prediction; --combine=blend makes it
+sqrt(1 - a^2) x predicted + a x random instead); then --temper. --raw adds a row
+for the prediction as the GHN made it.
 
 --temper (default auto) holds a prediction to the random init it replaces: when
 its loss on 4 training batches is above the random init's there, its output
@@ -40,7 +41,8 @@ blended toward the random init, b x tempered + (1 - b) x random, with the b in
 is left as predicted (tempering a good one slows its fine-tuning).
 --temper=always tempers every prediction, --temper=never none. The saved
 parameters are the prepared ones, and the tables show what preparing did
-("random blocks", "mix a", the factor x alpha, the blend weight blend b).
+("random blocks", "+ random" or "mix a", the factor x alpha, the blend weight
+blend b).
 
 Writes to --workdir: results.json and results.md (metrics at step 0, N/10, N
 and the speed-up), curves/<arch>.png, curves.json, and predicted/<arch>/ (the
@@ -86,9 +88,16 @@ _BLOCKS = flags.DEFINE_enum(
 )
 _MIX = flags.DEFINE_float(
     "mix",
-    0.5,
-    "Blend every predicted matrix with the random init: sqrt(1-a^2)*predicted + a*random "
-    "(0: the prediction alone).",
+    1.0,
+    "Weight a of the random init combined with every predicted matrix (0: the prediction "
+    "alone); see --combine.",
+)
+_COMBINE = flags.DEFINE_enum(
+    "combine",
+    "add",
+    ["add", "blend"],
+    "add: predicted + a*random (the random init at full scale under the prediction); "
+    "blend: sqrt(1-a^2)*predicted + a*random (a in [0, 1]).",
 )
 _RAW = flags.DEFINE_bool(
     "raw",
@@ -100,7 +109,7 @@ _NOISE = flags.DEFINE_list(
     "noise_mix",
     [],
     "Also fine-tune from the prediction prepared with each of these mix weights (rows "
-    "'predicted+noise<a>'; blocks and tempering as for the main row).",
+    "'predicted+noise<a>'; blocks, tempering and --combine as for the main row).",
 )
 _BASELINES = flags.DEFINE_list(
     "baselines",
@@ -155,7 +164,12 @@ def main(argv):
         eval_batch_size=_EVAL_BATCH_SIZE.value,
         eval_batches=_EVAL_BATCHES.value,
     )
-    policy = evaluate.Policy(blocks=_BLOCKS.value, mix=_MIX.value, temper_mode=_TEMPER.value)
+    policy = evaluate.Policy(
+        blocks=_BLOCKS.value,
+        mix=_MIX.value,
+        temper_mode=_TEMPER.value,
+        combine=_COMBINE.value,
+    )
     variants = {"raw": evaluate.RAW} if _RAW.value else {}
     for a in map(float, _NOISE.value):
         variants[f"predicted+noise{a:g}"] = dataclasses.replace(policy, mix=a)

@@ -44,7 +44,7 @@ from flax import nnx
 from ghn.errors import ConfigError
 from ghn.graph import Graph, trace
 from ghn.graph.graph import norm_like
-from ghn.params import in_repeated_block, mix_with_random, with_random_blocks
+from ghn.params import COMBINE, in_repeated_block, with_random_blocks
 from ghn.tasks import Task
 
 
@@ -266,8 +266,10 @@ def safeguard(
 # Predicted blocks are kept when they earn at least this share of the prediction's gain
 # over the reference init on the batches (`keep_blocks`).
 BLOCKS_SHARE = 0.5
-# `prepare`'s default weight of the reference init in the blend of every predicted matrix.
-MIX = 0.5
+# `prepare`'s default combination of every predicted matrix with the reference init:
+# predicted + MIX * reference (`ghn.params.add_random`).
+MIX = 1.0
+COMBINE_DEFAULT = "add"
 BLOCKS = ("auto", "predicted", "random")
 TEMPER_MODES = ("auto", "always", "never")
 
@@ -306,22 +308,27 @@ def keep_blocks(
     return keep, losses
 
 
-def check_preparation(blocks: str, mix: float, temper_mode: str) -> None:
+def check_preparation(blocks: str, mix: float, temper_mode: str, combine: str = "add") -> None:
     """The error for an unknown `prepare` setting (checked before any work)."""
     if blocks not in BLOCKS:
         raise ConfigError(f"blocks must be one of {BLOCKS}, got {blocks!r}")
     if temper_mode not in TEMPER_MODES:
         raise ConfigError(f"temper_mode must be one of {TEMPER_MODES}, got {temper_mode!r}")
-    if not 0.0 <= mix <= 1.0:
-        raise ConfigError(f"mix must be in [0, 1], got {mix}")
+    if combine not in COMBINE:
+        raise ConfigError(f"combine must be one of {tuple(COMBINE)}, got {combine!r}")
+    if combine == "blend" and not 0.0 <= mix <= 1.0:
+        raise ConfigError(f"mix must be in [0, 1] to blend, got {mix}")
+    if not mix >= 0.0:
+        raise ConfigError(f"mix must be >= 0, got {mix}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """What `prepare` did: blocks kept, mix weight, output factor, blend weight."""
+    """What `prepare` did: blocks kept, mix weight and rule, output factor, blend weight."""
 
     blocks: str  # "predicted" or "random"
     mix: float
+    combine: str = COMBINE_DEFAULT
     alpha: float = 1.0
     blend: float = 1.0
     losses: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -336,6 +343,7 @@ def prepare(
     blocks: str = "auto",
     mix: float = MIX,
     temper_mode: str = "auto",
+    combine: str = COMBINE_DEFAULT,
     example_input=None,
 ) -> Prepared:
     """Turns a prediction in `model` into the init to fine-tune from, in place.
@@ -344,14 +352,18 @@ def prepare(
     parameter tree); `batches` a few training batches. In order:
     1. blocks: "auto" keeps the predicted blocks only when `keep_blocks` says they
        earn their place, else takes `reference`'s; "predicted" / "random" force it;
-    2. mix: every predicted matrix becomes sqrt(1 - mix^2) * predicted +
-       mix * reference (`ghn.params.mix_with_random`; vectors stay predicted):
-       full-rank, each layer its own, and measured to end fine-tuning level or
-       ahead where the bare prediction ends behind (RESULTS.md);
+    2. mix: every predicted matrix is combined with the reference's (vectors stay
+       predicted). combine="add" (the default): predicted + mix * reference
+       (`ghn.params.add_random`): with mix = 1 the random init keeps its full scale
+       in every direction and the prediction's few directions sit on top;
+       combine="blend": sqrt(1 - mix^2) * predicted + mix * reference
+       (`ghn.params.mix_with_random`), the variance-keeping blend. Both are full
+       rank; measured, adding ends fine-tuning ahead of blending on held-out and
+       larger ViTs and GPT-2s (RESULTS.md);
     3. temper_mode: "auto" holds the result to `reference`'s loss (`safeguard`),
        "always" tempers its output layer (`temper`), "never" leaves it.
     """
-    check_preparation(blocks, mix, temper_mode)
+    check_preparation(blocks, mix, temper_mode, combine)
     batches, task = list(batches), _task(task)
     losses: dict[str, float] = {}
     keep = blocks == "predicted"
@@ -360,7 +372,7 @@ def prepare(
     ref = params_of(reference)
     state = params_of(model)
     if mix:
-        state = mix_with_random(state, ref, mix)
+        state = COMBINE[combine](state, ref, mix)
     nnx.update(model, state if keep else with_random_blocks(state, ref))
     alpha, b = 1.0, 1.0
     if temper_mode == "auto":
@@ -374,7 +386,7 @@ def prepare(
         )
     elif temper_mode == "always":
         alpha = temper(model, task, batches, example_input=example_input)
-    return Prepared("predicted" if keep else "random", mix, alpha, b, losses)
+    return Prepared("predicted" if keep else "random", mix, combine, alpha, b, losses)
 
 
 def uniform_loss(num_classes: int) -> float:

@@ -355,6 +355,7 @@ class Result:
             if init in self.prepared:
                 p = self.prepared[init]
                 row["blocks"], row["mix"], row["output_scale"] = p.blocks, p.mix, p.alpha
+                row["combine"] = p.combine
                 if p.losses:  # what `keep_blocks` measured on the training batches
                     row["blocks_losses"] = {k: round(v, 4) for k, v in p.losses.items()}
                 if p.blend < 1.0:
@@ -382,9 +383,10 @@ class Policy:
     blocks: str = "auto"
     mix: float = calibrate.MIX
     temper_mode: str = "auto"
+    combine: str = calibrate.COMBINE_DEFAULT
 
     def __post_init__(self):
-        calibrate.check_preparation(self.blocks, self.mix, self.temper_mode)
+        calibrate.check_preparation(self.blocks, self.mix, self.temper_mode, self.combine)
 
 
 # The prediction as the GHN made it: no block choice, no mix, no tempering.
@@ -407,6 +409,7 @@ def prepare_prediction(
         blocks=policy.blocks,
         mix=policy.mix,
         temper_mode=policy.temper_mode,
+        combine=policy.combine,
         example_input=setup.input_spec(spec),
     )
 
@@ -639,7 +642,12 @@ def policy_note(policy: Policy) -> str:
         f' blocks {policy.blocks} (shown as "random blocks" where the random init\'s'
         " were taken)"
     )
-    if policy.mix:
+    if policy.mix and policy.combine == "add":
+        note += (
+            ", the random init added to every predicted matrix"
+            f" (predicted + {policy.mix:g} x random)"
+        )
+    elif policy.mix:
         note += f", every predicted matrix blended with the random init at a = {policy.mix:g}"
     if policy.temper_mode == "auto":
         note += (
@@ -652,13 +660,18 @@ def policy_note(policy: Policy) -> str:
 
 
 def init_label(row: dict[str, Any]) -> str:
-    """The init's name, with what preparing it did: random blocks, the mix weight, the
-    tempering factor when it was scaled down, the blend weight toward the random init."""
+    """The init's name, with what preparing it did: random blocks, the random init added
+    ("+ random", "+ a random") or blended in ("mix a"), the tempering factor when it was
+    scaled down, the blend weight toward the random init."""
     scale, label = row.get("output_scale"), row["init"]
     if row.get("blocks") == "random":
         label += ", random blocks"
     if row.get("mix"):
-        label += f", mix {row['mix']:g}"
+        # Rows written before "combine" existed blended.
+        if row.get("combine", "blend") == "add":
+            label += ", + random" if row["mix"] == 1.0 else f", + {row['mix']:g} random"
+        else:
+            label += f", mix {row['mix']:g}"
     if scale is not None and scale < 1.0:
         label += f" x{scale:.2f}"
     if "blend" in row:

@@ -45,6 +45,17 @@ def with_random_blocks(predicted, random):
     )
 
 
+def _on_matrices(fn, predicted, random):
+    """fn(p, r) for every float matrix or kernel (ndim >= 2); vectors keep `predicted`."""
+
+    def one(p, r):
+        if p.ndim < 2 or not jnp.issubdtype(p.dtype, jnp.floating):
+            return p
+        return fn(p, r).astype(p.dtype)
+
+    return jax.tree.map(one, predicted, random)
+
+
 def mix_with_random(predicted, random, a: float):
     """sqrt(1 - a^2) * predicted + a * random for every matrix and kernel (ndim >= 2).
 
@@ -55,10 +66,21 @@ def mix_with_random(predicted, random, a: float):
     if not 0.0 <= a <= 1.0:
         raise ConfigError(f"mix must be in [0, 1], got {a}")
     keep = math.sqrt(1.0 - a * a)
+    return _on_matrices(lambda p, r: keep * p + a * r, predicted, random)
 
-    def mix(p, r):
-        if p.ndim < 2 or not jnp.issubdtype(p.dtype, jnp.floating):
-            return p
-        return (keep * p + a * r).astype(p.dtype)
 
-    return jax.tree.map(mix, predicted, random)
+def add_random(predicted, random, a: float = 1.0):
+    """predicted + a * random for every matrix and kernel (ndim >= 2); vectors kept.
+
+    Unlike `mix_with_random`, the prediction is not shrunk: with a = 1 the random
+    init keeps its full scale in every direction (the scale the family's init and
+    learning rate are made for) and the prediction's few directions (its matrices
+    have rank <= r) sit on top of it.
+    """
+    if not a >= 0.0:
+        raise ConfigError(f"mix must be >= 0 to add the random init, got {a}")
+    return _on_matrices(lambda p, r: p + a * r, predicted, random)
+
+
+# How `ghn.calibrate.prepare` combines a prediction with the random init it replaces.
+COMBINE = {"add": add_random, "blend": mix_with_random}

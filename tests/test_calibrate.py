@@ -306,19 +306,37 @@ def test_prepare_takes_blocks_mixes_matrices_and_holds_the_loss():
     reference = perturbed(vit()[1], 1)  # nonzero everywhere, so every mix is visible
     pred, ref = _params(perturbed(vit()[1], 0)), _params(reference)
 
-    model = perturbed(vit()[1], 0)
-    done = prepare(model, reference, "image", labels, blocks="random", mix=0.6, temper_mode="never")
-    assert (done.blocks, done.mix, done.alpha, done.blend) == ("random", 0.6, 1.0, 1.0)
-    got = _params(model)
-    for k, p in pred.items():
-        if k.startswith("['blocks']"):
-            np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
-        elif p.ndim >= 2:  # one float32 multiply-add per element, at the terms' scale
-            want = 0.8 * p.astype(np.float64) + 0.6 * ref[k]
-            scale = 0.8 * np.abs(p).max() + 0.6 * np.abs(ref[k]).max()
-            assert_close(got[k], want, reduction=1, scale=scale, err_msg=k)
-        else:
-            np.testing.assert_array_equal(got[k], p, err_msg=k)
+    # Both rules: "add" (the default) p + a r, "blend" sqrt(1 - a^2) p + a r (a = 0.6: 0.8 p).
+    for combine, keep in (("add", 1.0), ("blend", 0.8)):
+        model = perturbed(vit()[1], 0)
+        done = prepare(
+            model,
+            reference,
+            "image",
+            labels,
+            blocks="random",
+            mix=0.6,
+            temper_mode="never",
+            **({} if combine == "add" else {"combine": combine}),
+        )
+        assert (done.blocks, done.mix, done.combine) == ("random", 0.6, combine)
+        assert (done.alpha, done.blend) == (1.0, 1.0)
+        got = _params(model)
+        for k, p in pred.items():
+            if k.startswith("['blocks']"):
+                np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+            elif p.ndim >= 2:  # one float32 multiply-add per element, at the terms' scale
+                want = keep * p.astype(np.float64) + 0.6 * ref[k]
+                scale = keep * np.abs(p).max() + 0.6 * np.abs(ref[k]).max()
+                assert_close(got[k], want, reduction=1, scale=scale, err_msg=f"{combine} {k}")
+            else:
+                np.testing.assert_array_equal(got[k], p, err_msg=k)
+    with pytest.raises(ConfigError, match="combine"):
+        prepare(model, reference, "image", labels, combine="average")
+    with pytest.raises(ConfigError, match=r"\[0, 1\] to blend"):
+        prepare(model, reference, "image", labels, mix=1.5, combine="blend")
+    with pytest.raises(ConfigError, match="mix must be >= 0"):
+        prepare(model, reference, "image", labels, mix=-0.5)
 
     model = perturbed(vit()[1], 0)
     done = prepare(model, reference, "image", labels, blocks="predicted", mix=0.0)

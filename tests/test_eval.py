@@ -200,6 +200,7 @@ def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path
         "--temper=always",
         "--raw",
         "--noise_mix=0.5",
+        "--combine=blend",
         f"--workdir={out}",
     ]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
@@ -214,8 +215,18 @@ def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path
         "random",
     ]
     pred, raw, mixed, mimetic, rand = rows
-    assert record["policy"] == {"blocks": "predicted", "mix": 0.0, "temper_mode": "always"}
-    assert record["variants"]["raw"] == {"blocks": "predicted", "mix": 0.0, "temper_mode": "never"}
+    assert record["policy"] == {
+        "blocks": "predicted",
+        "mix": 0.0,
+        "temper_mode": "always",
+        "combine": "blend",
+    }
+    assert record["variants"]["raw"] == {
+        "blocks": "predicted",
+        "mix": 0.0,
+        "temper_mode": "never",
+        "combine": "add",
+    }
     assert record["variants"]["predicted+noise0.5"]["mix"] == 0.5
     assert record["metric"] == "accuracy" and record["recipe"]["steps"] == 4
     for r in rows:
@@ -228,6 +239,7 @@ def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path
     # The blend with the random init trains as neither of the two. (Tempering may zero
     # both heads of this 3-step GHN's predictions, so their step-0 losses may agree.)
     assert mixed["mix"] == 0.5 and mixed["loss_n"] not in (pred["loss_n"], rand["loss_n"])
+    assert mixed["combine"] == "blend" and "mix 0.5" in evaluate.init_label(mixed)
     # The prediction was tempered (--temper=always): its output layer scaled by alpha in
     # [0, 1].
     alpha = pred["output_scale"]
@@ -309,7 +321,7 @@ def test_other_data_is_read_as_the_ghn_read_its_own(name, data):
         assert evaluate.Setup.from_ghn_info(info, data, seq_len=16).task.seq_len == 16
 
 
-def test_noise_mix_restores_full_rank_and_keeps_vectors():
+def test_mix_and_add_restore_full_rank_and_keep_vectors():
     rng = np.random.default_rng(0)
     low_rank = (rng.normal(size=(64, 4)) @ rng.normal(size=(4, 48))) / 2.0  # rank 4, std ~1
     full = rng.normal(size=(64, 48))
@@ -325,6 +337,20 @@ def test_noise_mix_restores_full_rank_and_keeps_vectors():
     assert abs(np.std(mixed["w"]) - 1.0) < 0.15
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         params.mix_with_random(predicted, random, 1.5)
+
+    # Adding keeps the prediction whole and the random init at full scale: p + a r.
+    added = params.add_random(predicted, random, 1.0)
+    np.testing.assert_array_equal(added["b"], predicted["b"])
+    assert np.linalg.matrix_rank(np.asarray(added["w"])) == 48
+    scale = np.abs(low_rank).max() + np.abs(full).max()
+    assert_close(added["w"], low_rank + full, reduction=1, scale=scale)
+    with pytest.raises(ValueError, match=">= 0"):
+        params.add_random(predicted, random, -1.0)
+    # Table labels: what was combined, and how; rows written before `combine` blended.
+    row = {"init": "predicted", "blocks": "random", "mix": 1.0, "combine": "add"}
+    assert evaluate.init_label(row) == "predicted, random blocks, + random"
+    assert evaluate.init_label({**row, "mix": 0.5}) == "predicted, random blocks, + 0.5 random"
+    assert evaluate.init_label({"init": "predicted", "mix": 0.5}) == "predicted, mix 0.5"
 
 
 def test_random_blocks_keep_the_predicted_stem_and_head():
