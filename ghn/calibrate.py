@@ -308,7 +308,9 @@ def keep_blocks(
     return keep, losses
 
 
-def check_preparation(blocks: str, mix: float, temper_mode: str, combine: str = "add") -> None:
+def check_preparation(
+    blocks: str, mix: float, temper_mode: str, combine: str = COMBINE_DEFAULT
+) -> None:
     """The error for an unknown `prepare` setting (checked before any work)."""
     if blocks not in BLOCKS:
         raise ConfigError(f"blocks must be one of {BLOCKS}, got {blocks!r}")
@@ -358,8 +360,9 @@ def prepare(
        in every direction and the prediction's few directions sit on top;
        combine="blend": sqrt(1 - mix^2) * predicted + mix * reference
        (`ghn.params.mix_with_random`), the variance-keeping blend. Both are full
-       rank; measured, adding ends fine-tuning ahead of blending on held-out and
-       larger ViTs and GPT-2s (RESULTS.md);
+       rank; measured (RESULTS.md), adding ends fine-tuning ahead of random init on
+       held-out ViTs and GPT-2s and on a wider ViT, where blending left some runs
+       slightly behind, at the cost of part of the held-out ViTs' step-0 lead;
     3. temper_mode: "auto" holds the result to `reference`'s loss (`safeguard`),
        "always" tempers its output layer (`temper`), "never" leaves it.
     """
