@@ -331,8 +331,8 @@ class Result:
     metric: str
     curves: dict[str, Curve]
     predicted_params: Any = None  # nnx.State of the prepared prediction (before fine-tuning)
-    # Per predicted init: what `ghn.calibrate.prepare` did to it (blocks, mix, output
-    # factor, blend weight).
+    # Per predicted init: what `ghn.calibrate.prepare` did to it (blocks, mix and how it
+    # combined, output factor, blend weight).
     prepared: dict[str, calibrate.Prepared] = dataclasses.field(default_factory=dict)
 
     def rows(self) -> list[dict[str, Any]]:
@@ -431,7 +431,7 @@ def compare(
     All runs share the recipe, data order and seeds; the random init is
     `spec.build(rngs=nnx.Rngs(recipe.seed))`, and predicted inits start from the
     same model with every parameter replaced, then prepared by `policy`
-    (`prepare_prediction`: blocks kept or taken from the random init, blended with
+    (`prepare_prediction`: blocks kept or taken from the random init, combined with
     it, held to its loss; the default `Policy()`). `variants` adds the same
     prediction prepared otherwise, by label (e.g. {"raw": RAW}, the prediction as
     the GHN made it). `baseline_ghns` adds other GHNs' predictions by label (e.g. a
