@@ -28,8 +28,15 @@ the random init's blocks under the predicted stem and head
 (`ghn.calibrate.keep_blocks`); then the random init is added to every
 predicted matrix, predicted + a x random with a = --mix (default 1: the random
 init at its full scale under the prediction; --combine=blend makes it
-sqrt(1 - a^2) x predicted + a x random instead); then --temper. --raw adds a row
-for the prediction as the GHN made it.
+sqrt(1 - a^2) x predicted + a x random instead); then --temper; then the
+fine-tuning probe (--probe_steps, default N/10): the prepared prediction and the
+random init are each fine-tuned for the first N/10 steps of the recipe and
+scored on the 8 training batches that follow, and the random init is taken
+when it scores lower (the row then says "probe: random init" and its curve is
+the random init's run). A prediction can start far below random init and still
+fine-tune slower (GPT-2s wider than the GHN's training); the loss at step 0
+cannot tell, the start of fine-tuning can. --raw adds a row for the prediction
+as the GHN made it.
 
 --temper (default auto) holds a prediction to the random init it replaces: when
 its loss on 4 training batches is above the random init's there, its output
@@ -127,6 +134,14 @@ _TEMPER = flags.DEFINE_enum(
     "from training), blended toward the random init when tempering is not enough "
     "(ghn.calibrate.safeguard); always: every prediction; never: none.",
 )
+_PROBE = flags.DEFINE_integer(
+    "probe_steps",
+    -1,
+    "Fine-tuning probe (ghn.evaluate.make_probe): the prepared prediction and the random "
+    "init are each fine-tuned for this many steps of the recipe and scored on the next 8 "
+    "training batches; the random init replaces the prediction when it scores lower. -1: "
+    "N/10; 0: no probe.",
+)
 _DATA = flags.DEFINE_string("data", None, "Dataset name; default: the GHN's training data.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Text datasets: sequence length (default: GHN's).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where local datasets live.")
@@ -169,6 +184,7 @@ def main(argv):
         mix=_MIX.value,
         temper_mode=_TEMPER.value,
         combine=_COMBINE.value,
+        probe_steps=_PROBE.value,
     )
     variants = {"raw": evaluate.RAW} if _RAW.value else {}
     for a in map(float, _NOISE.value):

@@ -219,30 +219,16 @@ def _schedule(recipe: Recipe) -> Callable:
     )
 
 
-def finetune(
-    model: nnx.Module,
-    setup: Setup,
-    recipe: Recipe,
-    *,
-    init: str,
-    progress: bool = False,
-    eval_data: list[dict[str, np.ndarray]] | None = None,
-) -> Curve:
-    """Fine-tunes `model` in place for `recipe.steps` steps; evaluates at `eval_points`.
+@functools.lru_cache(maxsize=8)
+def _programs(graphdef, task: Task, recipe: Recipe) -> tuple[Any, Callable, Callable]:
+    """`recipe`'s optimizer and the jitted train and eval steps for one model structure.
 
-    BatchNorm layers (CNNs) use batch statistics in training and running
-    averages in evaluation; at step 0 of a predicted init the running averages
-    are the layer's defaults, so CNN step-0 metrics are read in training mode
-    (batch statistics), as during meta-training.
-    """
-    task = setup.task
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    has_bn = bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+    Cached, so every init of a target, and the probe of each, share one compilation
+    (a GraphDef compares by structure, whatever the parameter values)."""
     tx = optax.chain(
         optax.clip_by_global_norm(recipe.grad_clip) if recipe.grad_clip > 0 else optax.identity(),
         optax.adamw(_schedule(recipe), weight_decay=recipe.weight_decay),
     )
-    opt_state = tx.init(params)
 
     @jax.jit
     def train_step(params, rest, opt_state, batch):
@@ -262,19 +248,47 @@ def finetune(
         m.train() if batch_stats else m.eval()
         return task.sums(m, batch)
 
+    return tx, train_step, eval_step
+
+
+def _mean(eval_step, params, rest, batches, batch_stats: bool) -> tuple[float, float]:
+    """Mean loss and mean metric over `batches` (sums over every example, then divided)."""
+    tot = {"loss_sum": 0.0, "metric_sum": 0.0, "count": 0.0}
+    for batch in batches:
+        out = eval_step(params, rest, batch, batch_stats)
+        for k in tot:
+            tot[k] += float(out[k])
+    return tot["loss_sum"] / tot["count"], tot["metric_sum"] / tot["count"]
+
+
+def finetune(
+    model: nnx.Module,
+    setup: Setup,
+    recipe: Recipe,
+    *,
+    init: str,
+    progress: bool = False,
+    eval_data: list[dict[str, np.ndarray]] | None = None,
+) -> Curve:
+    """Fine-tunes `model` in place for `recipe.steps` steps; evaluates at `eval_points`.
+
+    BatchNorm layers (CNNs) use batch statistics in training and running
+    averages in evaluation; at step 0 of a predicted init the running averages
+    are the layer's defaults, so CNN step-0 metrics are read in training mode
+    (batch statistics), as during meta-training.
+    """
+    task = setup.task
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    has_bn = bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+    tx, train_step, eval_step = _programs(graphdef, task, recipe)
+    opt_state = tx.init(params)
+
     eval_data = eval_data if eval_data is not None else setup.eval_batches(recipe)
 
     def evaluate(params, rest, step) -> tuple[float, float]:
         # A predicted CNN has no running statistics yet: read batch statistics at step 0.
-        batch_stats = has_bn and step == 0
-        tot = {"loss_sum": 0.0, "metric_sum": 0.0, "count": 0.0}
-        for batch in eval_data:
-            out = eval_step(params, rest, batch, batch_stats)
-            for k in tot:
-                tot[k] += float(out[k])
-        loss = tot["loss_sum"] / tot["count"]
-        summary = task.summarize(loss, tot["metric_sum"] / tot["count"])
-        return loss, summary[task.metric]
+        loss, metric = _mean(eval_step, params, rest, eval_data, has_bn and step == 0)
+        return loss, task.summarize(loss, metric)[task.metric]
 
     points = eval_points(recipe.steps, recipe.num_points)
     curve = Curve(init, [], [], [], [])
@@ -304,6 +318,47 @@ def finetune(
     curve.seconds = time.perf_counter() - start
     nnx.update(model, params, rest)
     return curve
+
+
+# Training batches after the probe's steps on which its candidates are scored.
+PROBE_BATCHES = 8
+
+
+def make_probe(
+    model: nnx.Module,
+    setup: Setup,
+    recipe: Recipe,
+    steps: int,
+    *,
+    score_batches: int = PROBE_BATCHES,
+) -> calibrate.Probe:
+    """A fine-tuning probe for `ghn.calibrate.prepare`, on training data only.
+
+    `probe(params)` fine-tunes `model`'s structure (its other state, e.g. BatchNorm
+    statistics, as `model` holds it now) from `params` for the first `steps` steps of
+    `recipe`, with its batches, order and learning-rate schedule (so the probe is the
+    start of the run it decides), and returns the mean loss on the `score_batches`
+    training batches that follow. Every candidate is scored on the same batches, so
+    their difference is not blurred by which batches were drawn; the validation split
+    is never read.
+    """
+    if not 1 <= steps <= max(recipe.steps, 1) or score_batches < 1:
+        raise ConfigError(
+            f"a probe needs 1 <= steps <= the recipe's {recipe.steps} and score_batches >= 1, "
+            f"got steps={steps}, score_batches={score_batches}"
+        )
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    rest = jax.tree.map(jnp.copy, rest)
+    tx, train_step, eval_step = _programs(graphdef, setup.task, recipe)
+
+    def probe(params) -> float:
+        it = setup.train_iterator(recipe)
+        p, r, opt_state = params, rest, tx.init(params)
+        for _ in range(steps):
+            p, r, opt_state, _ = train_step(p, r, opt_state, next(it))
+        return _mean(eval_step, p, r, [next(it) for _ in range(score_batches)], False)[0]
+
+    return probe
 
 
 def speedup(predicted: Curve, random: Curve) -> float | None:
@@ -360,6 +415,9 @@ class Result:
                     row["blocks_losses"] = {k: round(v, 4) for k, v in p.losses.items()}
                 if p.blend < 1.0:
                     row["blend"] = p.blend
+                if p.probe:
+                    row["choice"] = p.choice
+                    row["probe_losses"] = {k: round(v, 4) for k, v in p.probe.items()}
             out.append(row)
         return out
 
@@ -384,23 +442,34 @@ class Policy:
     mix: float = calibrate.MIX
     temper_mode: str = "auto"
     combine: str = calibrate.COMBINE_DEFAULT
+    # Steps of the fine-tuning probe (`make_probe`): -1 the recipe's N/10, 0 none.
+    probe_steps: int = -1
 
     def __post_init__(self):
         calibrate.check_preparation(self.blocks, self.mix, self.temper_mode, self.combine)
+        if self.probe_steps < -1:
+            raise ConfigError(f"probe_steps must be -1 (N/10), 0 (none) or more, got {self}")
+
+    def probe_length(self, recipe: Recipe) -> int:
+        """The probe's steps under `recipe` (0: no probe), at most the recipe's N."""
+        steps = tenth(recipe.steps) if self.probe_steps < 0 else self.probe_steps
+        return min(steps, recipe.steps)
 
 
-# The prediction as the GHN made it: no block choice, no mix, no tempering.
-RAW = Policy(blocks="predicted", mix=0.0, temper_mode="never")
+# The prediction as the GHN made it: no block choice, no mix, no tempering, no probe.
+RAW = Policy(blocks="predicted", mix=0.0, temper_mode="never", probe_steps=0)
 
 
 def prepare_prediction(
     model: nnx.Module, spec: ArchSpec, setup: Setup, recipe: Recipe, policy: Policy
 ) -> calibrate.Prepared:
     """`ghn.calibrate.prepare` on the first training batches of `recipe`'s order, against
-    the random init of `recipe.seed`."""
+    the random init of `recipe.seed`, with the probe `policy` asks for (`make_probe`)."""
     it = setup.train_iterator(recipe)
     batches = [next(it) for _ in range(TEMPER_BATCHES)]
     reference = spec.build(rngs=nnx.Rngs(recipe.seed))
+    steps = policy.probe_length(recipe)
+    probe = make_probe(reference, setup, recipe, steps) if steps else None
     return calibrate.prepare(
         model,
         reference,
@@ -411,6 +480,7 @@ def prepare_prediction(
         temper_mode=policy.temper_mode,
         combine=policy.combine,
         example_input=setup.input_spec(spec),
+        probe=probe,
     )
 
 
@@ -432,7 +502,9 @@ def compare(
     `spec.build(rngs=nnx.Rngs(recipe.seed))`, and predicted inits start from the
     same model with every parameter replaced, then prepared by `policy`
     (`prepare_prediction`: blocks kept or taken from the random init, combined with
-    it, held to its loss; the default `Policy()`). `variants` adds the same
+    it, held to its loss, then the fine-tuning probe: the default `Policy()`). A
+    prediction for which the probe chose the random init is not fine-tuned again:
+    its curve is the random init's run (same init, data order and seed). `variants` adds the same
     prediction prepared otherwise, by label (e.g. {"raw": RAW}, the prediction as
     the GHN made it). `baseline_ghns` adds other GHNs' predictions by label (e.g. a
     GHN with another decoder), prepared by `policy`. Each name in `baselines`
@@ -443,7 +515,7 @@ def compare(
     for name in baselines:
         check_baseline(name, spec)  # before any fine-tuning
     eval_data = setup.eval_batches(recipe)
-    curves: dict[str, Curve] = {}
+    curves: dict[str, Curve | None] = {}
     prepared: dict[str, calibrate.Prepared] = {}
     model, predicted = predict_model(hyper, spec, setup, recipe.seed)
     raw = jax.tree.map(jnp.copy, predicted)
@@ -461,6 +533,9 @@ def compare(
         prepared[name] = prepare_prediction(model, spec, setup, recipe, how)
         if kept is None:
             kept = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+        if prepared[name].choice == "random":
+            curves[name] = None  # the random init itself: its run below is this one's
+            continue
         curves[name] = finetune(
             model, setup, recipe, init=name, progress=progress, eval_data=eval_data
         )
@@ -475,6 +550,9 @@ def compare(
     curves["random"] = finetune(
         model, setup, recipe, init="random", progress=progress, eval_data=eval_data
     )
+    for name, curve in curves.items():
+        if curve is None:  # the same init, data order and seed: the same run
+            curves[name] = dataclasses.replace(curves["random"], init=name)
     return Result(spec, num_params, setup.task.metric, curves, kept, prepared)
 
 
@@ -656,14 +734,24 @@ def policy_note(policy: Policy) -> str:
         )
     elif policy.temper_mode == "always":
         note += ", then the output layer tempered (x alpha)"
+    if policy.probe_steps:
+        steps = "N/10" if policy.probe_steps < 0 else str(policy.probe_steps)
+        note += (
+            f"; then a fine-tuning probe: the prediction and the random init each fine-tuned"
+            f" for the first {steps} steps and scored on the next {PROBE_BATCHES} training"
+            ' batches, the random init taken when it scores lower ("probe: random init")'
+        )
     return note + "."
 
 
 def init_label(row: dict[str, Any]) -> str:
     """The init's name, with what preparing it did: random blocks, the random init added
     ("+ random", "+ a random") or blended in ("mix a"), the tempering factor when it was
-    scaled down, the blend weight toward the random init."""
+    scaled down, the blend weight toward the random init; or that the fine-tuning probe
+    chose the random init instead ("probe: random init")."""
     scale, label = row.get("output_scale"), row["init"]
+    if row.get("choice") == "random":
+        return label + ", probe: random init"
     if row.get("blocks") == "random":
         label += ", random blocks"
     if row.get("mix"):

@@ -348,3 +348,55 @@ def test_prepare_takes_blocks_mixes_matrices_and_holds_the_loss():
     assert done.blocks == "predicted" and done.losses == {}
     with pytest.raises(ConfigError, match="blocks"):
         prepare(model, reference, "image", labels, blocks="some")
+
+
+def test_probe_takes_the_random_init_only_when_it_fine_tunes_better():
+    """`prepare`'s last step: the probe scores the prepared prediction and the reference;
+    the reference replaces the prediction only when it scores strictly lower (or the
+    prediction's score is not a number)."""
+    rng = np.random.default_rng(6)
+    labels = [
+        {
+            "image": rng.normal(size=(16, 8, 8, 3)).astype(np.float32),
+            "label": rng.integers(0, 5, 16),
+        }
+        for _ in range(2)
+    ]
+    reference = perturbed(vit()[1], 1)
+    ref = _params(reference)
+
+    def run(pred_score: float, ref_score: float):
+        seen = []
+
+        def probe(params) -> float:
+            flat = {
+                jax.tree_util.keystr(p): np.asarray(v)
+                for p, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params))[0]
+            }
+            is_ref = all(np.array_equal(flat[k], v) for k, v in ref.items())
+            seen.append((is_ref, flat))
+            return ref_score if is_ref else pred_score
+
+        model = perturbed(vit()[1], 0)
+        done = prepare(model, reference, "image", labels, blocks="random", probe=probe)
+        return model, done, seen
+
+    for pred_score, ref_score, choice in (
+        (1.0, 2.0, "prediction"),
+        (1.5, 1.5, "prediction"),  # a tie keeps the prediction
+        (2.0, 1.0, "random"),
+        (float("nan"), 1.0, "random"),
+    ):
+        model, done, seen = run(pred_score, ref_score)
+        assert done.choice == choice, (pred_score, ref_score)
+        assert [s[0] for s in seen] == [False, True]  # the prediction first, then the reference
+        np.testing.assert_equal(done.probe, {"prediction": pred_score, "random": ref_score})
+        got = _params(model)
+        # The probe saw what `prepare` made (random blocks, + random, safeguard) ...
+        want = ref if choice == "random" else seen[0][1]
+        for k, v in want.items():
+            np.testing.assert_array_equal(got[k], v, err_msg=k)
+        # ... which is the prediction, not the reference, outside the blocks.
+        assert not np.array_equal(seen[0][1]["['head']['kernel']"], ref["['head']['kernel']"])
+    done = prepare(perturbed(vit()[1], 0), reference, "image", labels)
+    assert (done.choice, done.probe) == ("prediction", {})  # no probe given: none run

@@ -1,5 +1,6 @@
 """Trained GHNs on disk (ghn.load / ghn.save / export) and eval.py's comparison of inits."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from tolerances import assert_close, predict_reduction, transformer_reduction
 import ghn
 from ghn import cli, evaluate, hub, params, zoo
 from ghn.calibrate import output_scale_paths
+from ghn.errors import ConfigError
 from ghn.train import run
 
 
@@ -183,6 +185,74 @@ def test_finetune_sees_the_same_data_and_learns():
     assert curves[0].eval_loss[-1] < curves[0].eval_loss[0] - 0.05
 
 
+def test_probe_is_the_start_of_the_run_it_decides():
+    """`make_probe` fine-tunes with the recipe's first steps (its batches, order and
+    learning-rate schedule) and scores on the training batches that follow: exactly what
+    `finetune` with the same recipe holds at that step on those batches."""
+    setup = evaluate.Setup.from_name("mnist5k")
+    spec = setup.fit(zoo.get("vit-ti", depth=1, width=32, num_heads=2, patch_size=7))
+    recipe = evaluate.Recipe(steps=12, lr=3e-3, warmup_steps=4, batch_size=32, num_points=12)
+    model = spec.build(rngs=nnx.Rngs(0))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    probe = evaluate.make_probe(model, setup, recipe, 3, score_batches=2)
+    it = setup.train_iterator(recipe)
+    after = [next(it) for _ in range(5)][3:]  # batches 3 and 4: never trained on by step 3
+    curve = evaluate.finetune(
+        spec.build(rngs=nnx.Rngs(0)), setup, recipe, init="random", eval_data=after
+    )
+    # The same compiled programs (`_programs` is shared) on the same inputs: bitwise.
+    assert probe(params) == curve.at(3)["loss"] != curve.at(0)["loss"]
+    _, train_step, _ = evaluate._programs(nnx.split(model, nnx.Param, ...)[0], setup.task, recipe)
+    assert train_step._cache_size() == 1  # the probe and the run share one compilation
+    # Another warm-up (another schedule) is another run: the probe follows the recipe.
+    other = dataclasses.replace(recipe, warmup_steps=1)
+    assert evaluate.make_probe(model, setup, other, 3, score_batches=2)(params) != probe(params)
+    for steps in (0, 13):
+        with pytest.raises(ConfigError, match="probe needs"):
+            evaluate.make_probe(model, setup, recipe, steps)
+    assert evaluate.Policy().probe_length(recipe) == 1  # N/10 by default
+    assert evaluate.Policy(probe_steps=50).probe_length(recipe) == 12
+    assert evaluate.RAW.probe_length(recipe) == 0
+    with pytest.raises(ConfigError, match="probe_steps"):
+        evaluate.Policy(probe_steps=-2)
+
+
+def test_a_prediction_the_probe_rejects_is_the_random_init_run(monkeypatch):
+    """When the probe scores the random init lower, the saved init is the random init and
+    the prediction's row is the random init's run, labelled so."""
+    setup = evaluate.Setup.from_name("mnist5k")
+    spec = zoo.get("vit-ti", depth=1, width=32, num_heads=2, patch_size=7)
+    recipe = evaluate.Recipe(steps=4, batch_size=16, eval_batch_size=50, eval_batches=1)
+    hyper = ghn.GHN(ghn.GHNConfig.named("tiny", max_dim=512), rngs=nnx.Rngs(0))
+    random = flat(nnx.to_pure_dict(nnx.state(setup.fit(spec).build(rngs=nnx.Rngs(0)), nnx.Param)))
+    real = evaluate.make_probe
+    seen = []
+
+    def prefer_random(model, setup_, recipe_, steps, **kw):
+        probe = real(model, setup_, recipe_, steps, **kw)
+
+        def score(params):
+            loss = probe(params)  # the real probe runs
+            seen.append((steps, loss))
+            is_random = all(
+                np.array_equal(v, random[k]) for k, v in flat(nnx.to_pure_dict(params)).items()
+            )
+            return 0.0 if is_random else 1.0
+
+        return score
+
+    monkeypatch.setattr(evaluate, "make_probe", prefer_random)
+    result = evaluate.compare(hyper, spec, setup, recipe)
+    assert [s for s, _ in seen] == [1, 1] and all(np.isfinite(v) for _, v in seen)
+    pred, rand = result.rows()
+    assert pred["choice"] == "random" and pred["probe_losses"] == {"prediction": 1.0, "random": 0.0}
+    assert evaluate.init_label(pred) == "predicted, probe: random init"
+    for key in ("loss_0", "loss_n10", "loss_n"):
+        assert pred[key] == rand[key], key
+    for k, v in flat(nnx.to_pure_dict(result.predicted_params)).items():
+        np.testing.assert_array_equal(v, random[k], err_msg=k)
+
+
 def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path):
     out = tmp_path / "eval"
     cmd = [
@@ -201,6 +271,7 @@ def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path
         "--raw",
         "--noise_mix=0.5",
         "--combine=blend",
+        "--probe_steps=0",  # the restored parameters below are the prediction's
         f"--workdir={out}",
     ]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
@@ -220,13 +291,16 @@ def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path
         "mix": 0.0,
         "temper_mode": "always",
         "combine": "blend",
+        "probe_steps": 0,
     }
     assert record["variants"]["raw"] == {
         "blocks": "predicted",
         "mix": 0.0,
         "temper_mode": "never",
         "combine": "add",
+        "probe_steps": 0,
     }
+    assert "choice" not in pred and "probe_losses" not in pred
     assert record["variants"]["predicted+noise0.5"]["mix"] == 0.5
     assert record["metric"] == "accuracy" and record["recipe"]["steps"] == 4
     for r in rows:

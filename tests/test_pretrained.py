@@ -107,7 +107,8 @@ def test_predicted_blocks_are_kept_only_where_they_carry_the_gain(name, target, 
     pools = evaluate.training_pools(info)
     spec = setup.fit(getattr(pools, target)[0])
     model, _ = evaluate.predict_model(hyper, spec, setup)
-    done = evaluate.prepare_prediction(model, spec, setup, evaluate.Recipe(), evaluate.Policy())
+    policy = evaluate.Policy(probe_steps=0)  # the block choice comes before any probe
+    done = evaluate.prepare_prediction(model, spec, setup, evaluate.Recipe(), policy)
     share = (done.losses["blocks"] - done.losses["pred"]) / (
         done.losses["ref"] - done.losses["pred"]
     )
