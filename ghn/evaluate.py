@@ -337,10 +337,11 @@ def make_probe(
     `probe(params)` fine-tunes `model`'s structure (its other state, e.g. BatchNorm
     statistics, as `model` holds it now) from `params` for the first `steps` steps of
     `recipe`, with its batches, order and learning-rate schedule (so the probe is the
-    start of the run it decides), and returns the mean loss on the `score_batches`
+    start of the run it decides), and returns the loss on each of the `score_batches`
     training batches that follow. Every candidate is scored on the same batches, so
-    their difference is not blurred by which batches were drawn; the validation split
-    is never read.
+    their difference is not blurred by which batches were drawn, and its noise is the
+    spread of the per-batch differences (`ghn.calibrate.probe_choice`); the
+    validation split is never read.
     """
     if not 1 <= steps <= max(recipe.steps, 1) or score_batches < 1:
         raise ConfigError(
@@ -351,12 +352,12 @@ def make_probe(
     rest = jax.tree.map(jnp.copy, rest)
     tx, train_step, eval_step = _programs(graphdef, setup.task, recipe)
 
-    def probe(params) -> float:
+    def probe(params) -> list[float]:
         it = setup.train_iterator(recipe)
         p, r, opt_state = params, rest, tx.init(params)
         for _ in range(steps):
             p, r, opt_state, _ = train_step(p, r, opt_state, next(it))
-        return _mean(eval_step, p, r, [next(it) for _ in range(score_batches)], False)[0]
+        return [_mean(eval_step, p, r, [next(it)], False)[0] for _ in range(score_batches)]
 
     return probe
 
@@ -739,7 +740,8 @@ def policy_note(policy: Policy) -> str:
         note += (
             f"; then a fine-tuning probe: the prediction and the random init each fine-tuned"
             f" for the first {steps} steps and scored on the next {PROBE_BATCHES} training"
-            ' batches, the random init taken when it scores lower ("probe: random init")'
+            " batches, the random init taken unless the prediction scores lower"
+            ' ("probe: random init")'
         )
     return note + "."
 

@@ -19,6 +19,7 @@ from ghn.calibrate import (
     mean_loss,
     output_scale_paths,
     prepare,
+    probe_choice,
     safeguard,
     temper,
 )
@@ -383,14 +384,15 @@ def test_probe_takes_the_random_init_only_when_it_fine_tunes_better():
 
     for pred_score, ref_score, choice in (
         (1.0, 2.0, "prediction"),
-        (1.5, 1.5, "prediction"),  # a tie keeps the prediction
+        (1.5, 1.5, "random"),  # a tie is no reason to leave the user's init
         (2.0, 1.0, "random"),
         (float("nan"), 1.0, "random"),
     ):
         model, done, seen = run(pred_score, ref_score)
         assert done.choice == choice, (pred_score, ref_score)
         assert [s[0] for s in seen] == [False, True]  # the prediction first, then the reference
-        np.testing.assert_equal(done.probe, {"prediction": pred_score, "random": ref_score})
+        want = {"prediction": pred_score, "random": ref_score, "stderr": 0.0}
+        np.testing.assert_equal(done.probe, want)
         got = _params(model)
         # The probe saw what `prepare` made (random blocks, + random, safeguard) ...
         want = ref if choice == "random" else seen[0][1]
@@ -400,3 +402,24 @@ def test_probe_takes_the_random_init_only_when_it_fine_tunes_better():
         assert not np.array_equal(seen[0][1]["['head']['kernel']"], ref["['head']['kernel']"])
     done = prepare(perturbed(vit()[1], 0), reference, "image", labels)
     assert (done.choice, done.probe) == ("prediction", {})  # no probe given: none run
+
+
+def test_probe_choice_compares_the_means_and_reports_the_paired_error():
+    """Per-batch losses, paired: the lower mean wins (ties go to the random init), and the
+    standard error of the per-batch differences is reported."""
+    # Differences 0.3, 0.1, 0.2, 0.2: mean 0.2, sample std sqrt(0.02 / 3), stderr / 2.
+    choice, scores = probe_choice([1.0, 1.2, 1.1, 1.0], [1.3, 1.3, 1.3, 1.2])
+    assert choice == "prediction"
+    assert scores["prediction"] == pytest.approx(1.075)
+    assert scores["random"] == pytest.approx(1.275)
+    assert scores["stderr"] == pytest.approx(math.sqrt(0.02 / 3) / 2)
+    # A mean win of 0.05 with differences +0.5 and -0.4 (stderr 0.45) is still a win.
+    choice, scores = probe_choice([1.0, 2.0], [1.5, 1.6])
+    assert choice == "prediction" and scores["stderr"] == pytest.approx(0.45)
+    assert probe_choice([1.5, 1.6], [1.0, 2.0])[0] == "random"
+    assert probe_choice([1.0, 2.0], [1.0, 2.0])[0] == "random"  # level
+    assert probe_choice([1.0, float("nan")], [1.5, 1.6])[0] == "random"
+    want = ("prediction", {"prediction": 1.0, "random": 1.5, "stderr": 0.0})
+    assert probe_choice(1.0, 1.5) == want
+    with pytest.raises(ConfigError, match="scored 2 and 3 batches"):
+        probe_choice([1.0, 2.0], [1.0, 2.0, 3.0])

@@ -197,11 +197,14 @@ def test_probe_is_the_start_of_the_run_it_decides():
     probe = evaluate.make_probe(model, setup, recipe, 3, score_batches=2)
     it = setup.train_iterator(recipe)
     after = [next(it) for _ in range(5)][3:]  # batches 3 and 4: never trained on by step 3
-    curve = evaluate.finetune(
-        spec.build(rngs=nnx.Rngs(0)), setup, recipe, init="random", eval_data=after
-    )
+    curves = [
+        evaluate.finetune(spec.build(rngs=nnx.Rngs(0)), setup, recipe, init="r", eval_data=[b])
+        for b in after
+    ]
     # The same compiled programs (`_programs` is shared) on the same inputs: bitwise.
-    assert probe(params) == curve.at(3)["loss"] != curve.at(0)["loss"]
+    scores = probe(params)
+    assert scores == [c.at(3)["loss"] for c in curves]
+    assert scores[0] != curves[0].at(0)["loss"] and scores[0] != scores[1]
     _, train_step, _ = evaluate._programs(nnx.split(model, nnx.Param, ...)[0], setup.task, recipe)
     assert train_step._cache_size() == 1  # the probe and the run share one compilation
     # Another warm-up (another schedule) is another run: the probe follows the recipe.
@@ -243,9 +246,10 @@ def test_a_prediction_the_probe_rejects_is_the_random_init_run(monkeypatch):
 
     monkeypatch.setattr(evaluate, "make_probe", prefer_random)
     result = evaluate.compare(hyper, spec, setup, recipe)
-    assert [s for s, _ in seen] == [1, 1] and all(np.isfinite(v) for _, v in seen)
+    assert [s for s, _ in seen] == [1, 1] and np.isfinite([v for _, v in seen]).all()
     pred, rand = result.rows()
-    assert pred["choice"] == "random" and pred["probe_losses"] == {"prediction": 1.0, "random": 0.0}
+    assert pred["choice"] == "random"
+    assert pred["probe_losses"] == {"prediction": 1.0, "random": 0.0, "stderr": 0.0}
     assert evaluate.init_label(pred) == "predicted, probe: random init"
     for key in ("loss_0", "loss_n10", "loss_n"):
         assert pred[key] == rand[key], key
