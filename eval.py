@@ -32,8 +32,9 @@ sqrt(1 - a^2) x predicted + a x random instead); then --temper; then the
 fine-tuning probe (--probe_steps, default N/10): the prepared prediction and the
 random init are each fine-tuned for the first N/10 steps of the recipe and
 scored on the 8 training batches that follow, and the random init is taken
-unless the prediction scores lower (the row then says "probe: random init"
-and its curve is the random init's run). A prediction can start far
+unless the prediction scores lower by more than the standard error of the
+per-batch differences (the row then says "probe: random init" and its curve
+is the random init's run). A prediction can start far
 below random init and still fine-tune slower (GPT-2s wider than the GHN's
 training); the loss at step 0 cannot tell, the start of fine-tuning can. --raw
 adds a row for the prediction as the GHN made it.
@@ -139,7 +140,8 @@ _PROBE = flags.DEFINE_integer(
     -1,
     "Fine-tuning probe (ghn.evaluate.make_probe): the prepared prediction and the random "
     "init are each fine-tuned for this many steps of the recipe and scored on the next 8 "
-    "training batches; the random init is taken unless the prediction scores lower. -1: "
+    "training batches; the random init is taken unless the prediction scores lower by "
+    "more than the standard error of the per-batch differences. -1: "
     "N/10; 0: no probe.",
 )
 _DATA = flags.DEFINE_string("data", None, "Dataset name; default: the GHN's training data.")

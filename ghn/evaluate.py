@@ -740,8 +740,8 @@ def policy_note(policy: Policy) -> str:
         note += (
             f"; then a fine-tuning probe: the prediction and the random init each fine-tuned"
             f" for the first {steps} steps and scored on the next {PROBE_BATCHES} training"
-            " batches, the random init taken unless the prediction scores lower"
-            ' ("probe: random init")'
+            " batches, the random init taken unless the prediction scores lower by more"
+            ' than the standard error of the per-batch differences ("probe: random init")'
         )
     return note + "."
 

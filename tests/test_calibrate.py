@@ -404,19 +404,20 @@ def test_probe_takes_the_random_init_only_when_it_fine_tunes_better():
     assert (done.choice, done.probe) == ("prediction", {})  # no probe given: none run
 
 
-def test_probe_choice_compares_the_means_and_reports_the_paired_error():
-    """Per-batch losses, paired: the lower mean wins (ties go to the random init), and the
-    standard error of the per-batch differences is reported."""
+def test_probe_choice_keeps_a_prediction_only_when_it_wins_beyond_the_noise():
+    """Per-batch losses, paired: the prediction must win by more than the standard error
+    of the differences (reported); ties, unclear wins and NaN go to the random init."""
     # Differences 0.3, 0.1, 0.2, 0.2: mean 0.2, sample std sqrt(0.02 / 3), stderr / 2.
     choice, scores = probe_choice([1.0, 1.2, 1.1, 1.0], [1.3, 1.3, 1.3, 1.2])
     assert choice == "prediction"
     assert scores["prediction"] == pytest.approx(1.075)
     assert scores["random"] == pytest.approx(1.275)
     assert scores["stderr"] == pytest.approx(math.sqrt(0.02 / 3) / 2)
-    # A mean win of 0.05 with differences +0.5 and -0.4 (stderr 0.45) is still a win.
+    # A mean win of 0.05 with differences +0.5 and -0.4: stderr 0.45, not a win ...
     choice, scores = probe_choice([1.0, 2.0], [1.5, 1.6])
-    assert choice == "prediction" and scores["stderr"] == pytest.approx(0.45)
-    assert probe_choice([1.5, 1.6], [1.0, 2.0])[0] == "random"
+    assert choice == "random" and scores["stderr"] == pytest.approx(0.45)
+    # ... and the same win with differences 0.06 and 0.04 (stderr 0.01) is one.
+    assert probe_choice([1.0, 2.0], [1.06, 2.04])[0] == "prediction"
     assert probe_choice([1.0, 2.0], [1.0, 2.0])[0] == "random"  # level
     assert probe_choice([1.0, float("nan")], [1.5, 1.6])[0] == "random"
     want = ("prediction", {"prediction": 1.0, "random": 1.5, "stderr": 0.0})
