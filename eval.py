@@ -144,6 +144,15 @@ _PROBE = flags.DEFINE_integer(
     "more than the standard error of the per-batch differences. -1: "
     "N/10; 0: no probe.",
 )
+_WIDEN = flags.DEFINE_enum(
+    "widen",
+    "auto",
+    ["auto", "never"],
+    "auto: a ViT or GPT-2 wider than every architecture the GHN trained on is predicted at "
+    "the widest trained width it is an integer multiple of, and widened to its own width "
+    "computing the same function (ghn.zoo.widen: units copied, readers divided); never: "
+    "predicted at its own width (the GHN's decoder has no trained parameters there).",
+)
 _DATA = flags.DEFINE_string("data", None, "Dataset name; default: the GHN's training data.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Text datasets: sequence length (default: GHN's).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where local datasets live.")
@@ -167,10 +176,11 @@ def main(argv):
     kw = {"data_dir": _DATA_DIR.value} if _DATA_DIR.value else {}
     setup = evaluate.Setup.from_ghn_info(info, _DATA.value, seq_len=_SEQ_LEN.value, **kw)
     specs = evaluate.resolve_archs(_ARCHS.value, info, setup)
+    widths = evaluate.trained_widths(info) if _WIDEN.value == "auto" else None
     # Every target must fit every GHN: fail now, not after hours of fine-tuning.
     for label, other in [("--ghn", hyper), *other_ghns.items()]:
         for spec in specs:
-            evaluate.check_fits(other, spec, setup, label)
+            evaluate.check_fits(other, spec, setup, label, widths=widths)
     recipe = evaluate.Recipe(
         steps=_STEPS.value,
         lr=_LR.value,
@@ -203,6 +213,7 @@ def main(argv):
         variants=variants,
         baseline_ghns=other_ghns,
         baselines=_BASELINES.value,
+        widths=widths,
     )
 
 

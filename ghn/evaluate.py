@@ -21,7 +21,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ from ghn.hub import train_config_of
 from ghn.hypernet.predict import prepare
 from ghn.params import count_params
 from ghn.tasks import Task, eval_batches, load_datasets, task_fields, task_of, train_iterator
-from ghn.zoo import ArchSpec
-from ghn.zoo.pools import Pools, pools_of
+from ghn.zoo import ArchSpec, widen
+from ghn.zoo.pools import Pools, candidates_of, pools_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,6 +390,8 @@ class Result:
     # Per predicted init: what `ghn.calibrate.prepare` did to it (blocks, mix and how it
     # combined, output factor, blend weight).
     prepared: dict[str, calibrate.Prepared] = dataclasses.field(default_factory=dict)
+    # The narrower spec predicted and widened (`predict_model`), when the target was too wide.
+    widened_from: ArchSpec | None = None
 
     def rows(self) -> list[dict[str, Any]]:
         """One table row per initialization: metrics at 0, N/10 and N, and the speed-up."""
@@ -408,6 +410,8 @@ class Result:
                 row[f"{self.metric}_{label}"] = at["metric"]
             row["speedup"] = None if init == "random" else speedup(curve, self.curves["random"])
             row["reached"] = init == "random" or row["speedup"] is not None
+            if init in self.prepared and self.widened_from is not None:
+                row["widened_from"] = self.widened_from.name
             if init in self.prepared:
                 p = self.prepared[init]
                 row["blocks"], row["mix"], row["output_scale"] = p.blocks, p.mix, p.alpha
@@ -423,12 +427,47 @@ class Result:
         return out
 
 
-def predict_model(hyper, spec: ArchSpec, setup: Setup, seed: int = 0) -> tuple[nnx.Module, Any]:
-    """A concrete `spec` model holding `hyper`'s prediction, and the predicted state."""
+def trained_widths(info: dict[str, Any]) -> frozenset[tuple[int, int]] | None:
+    """The (width, heads) pairs of the ViTs and GPT-2s a GHN trained on (its pool, or every
+    architecture its stream could draw), from `load(..., with_info=True)`; None when it
+    records no training config."""
+    tc = train_config_of(info)
+    if not tc:
+        return None
+    specs = candidates_of(tc)
+    return frozenset((s.width, s.num_heads) for s in specs if isinstance(s, widen.FAMILIES))
+
+
+def predict_model(
+    hyper,
+    spec: ArchSpec,
+    setup: Setup,
+    seed: int = 0,
+    *,
+    widths: Collection[tuple[int, int]] | None = None,
+) -> tuple[nnx.Module, Any]:
+    """A concrete `spec` model holding `hyper`'s prediction, and the predicted state.
+
+    With `widths` (`trained_widths(info)`), a ViT or GPT-2 wider than every width the
+    GHN trained on is predicted at the widest trained width it is an integer widening
+    of and widened to `spec`, computing the same function (`ghn.zoo.widen`): the
+    decoder has no trained parameters for wider indices. `widened_from(spec, widths)`
+    names that narrower spec.
+    """
     model = spec.build(rngs=nnx.Rngs(seed))
-    predicted = hyper.predict(model, setup.input_spec(spec))
+    source = widened_from(spec, widths)
+    if source is None:
+        predicted = hyper.predict(model, setup.input_spec(spec))
+    else:
+        narrow = nnx.eval_shape(lambda: source.build(rngs=nnx.Rngs(seed)))
+        predicted = widen.widen(hyper.predict(narrow, setup.input_spec(source)), source, spec)
     nnx.update(model, predicted)
     return model, predicted
+
+
+def widened_from(spec: ArchSpec, widths: Collection[tuple[int, int]] | None) -> ArchSpec | None:
+    """The narrower spec `predict_model` predicts for `spec` and widens, or None."""
+    return widen.narrower(spec, widths) if widths else None
 
 
 # Training batches a prediction is prepared on (`ghn.calibrate.prepare`).
@@ -495,6 +534,7 @@ def compare(
     variants: dict[str, Policy] | None = None,
     baseline_ghns: dict[str, Any] | None = None,
     baselines: Sequence[str] = (),
+    widths: Collection[tuple[int, int]] | None = None,
     progress: bool = False,
 ) -> Result:
     """Fine-tunes `spec` from `hyper`'s prediction and from the family's random init.
@@ -510,7 +550,8 @@ def compare(
     the GHN made it). `baseline_ghns` adds other GHNs' predictions by label (e.g. a
     GHN with another decoder), prepared by `policy`. Each name in `baselines`
     (`ghn.baselines.BASELINES`, e.g. "mimetic") adds that closed-form init, built
-    from the same random init with the same seed.
+    from the same random init with the same seed. `widths` (`trained_widths(info)`):
+    a target wider than them is predicted narrower and widened (`predict_model`).
     """
     spec = setup.fit(spec)
     for name in baselines:
@@ -518,7 +559,7 @@ def compare(
     eval_data = setup.eval_batches(recipe)
     curves: dict[str, Curve | None] = {}
     prepared: dict[str, calibrate.Prepared] = {}
-    model, predicted = predict_model(hyper, spec, setup, recipe.seed)
+    model, predicted = predict_model(hyper, spec, setup, recipe.seed, widths=widths)
     raw = jax.tree.map(jnp.copy, predicted)
     inits = [("predicted", hyper, policy), *((k, None, p) for k, p in (variants or {}).items())]
     inits += [(k, other, policy) for k, other in (baseline_ghns or {}).items()]
@@ -530,7 +571,7 @@ def compare(
             model = spec.build(rngs=nnx.Rngs(recipe.seed))
             nnx.update(model, jax.tree.map(jnp.copy, raw))
         else:
-            model, _ = predict_model(source, spec, setup, recipe.seed)
+            model, _ = predict_model(source, spec, setup, recipe.seed, widths=widths)
         prepared[name] = prepare_prediction(model, spec, setup, recipe, how)
         if kept is None:
             kept = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
@@ -554,15 +595,25 @@ def compare(
     for name, curve in curves.items():
         if curve is None:  # the same init, data order and seed: the same run
             curves[name] = dataclasses.replace(curves["random"], init=name)
-    return Result(spec, num_params, setup.task.metric, curves, kept, prepared)
+    source = widened_from(spec, widths)
+    return Result(spec, num_params, setup.task.metric, curves, kept, prepared, source)
 
 
-def check_fits(hyper, spec: ArchSpec, setup: Setup, label: str = "the") -> None:
-    """`ConfigError` naming the parameter when `spec` (fitted to `setup`) does not fit `hyper`.
+def check_fits(
+    hyper,
+    spec: ArchSpec,
+    setup: Setup,
+    label: str = "the",
+    *,
+    widths: Collection[tuple[int, int]] | None = None,
+) -> None:
+    """`ConfigError` naming the parameter when `spec` (fitted to `setup`) does not fit `hyper`
+    (the narrower spec it is predicted at, with `widths`: `predict_model`).
 
     `prepare` holds the one check; calling it here costs a trace, which the
     prediction that follows reuses from its cache.
     """
+    spec = widened_from(spec, widths) or spec
     model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
     try:
         prepare(model, (setup.input_spec(spec),), hyper.config)
@@ -583,6 +634,7 @@ def run(
     variants: dict[str, Policy] | None = None,
     baseline_ghns: dict[str, Any] | None = None,
     baselines: Sequence[str] = (),
+    widths: Collection[tuple[int, int]] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """`compare` for every spec, writing what eval.py promises to `workdir`.
@@ -612,6 +664,7 @@ def run(
             variants=variants,
             baseline_ghns=baseline_ghns,
             baselines=baselines,
+            widths=widths,
             progress=progress,
         )
         rows += result.rows()
@@ -628,6 +681,7 @@ def run(
             "metric": metric,
             "recipe": dataclasses.asdict(recipe),
             "policy": dataclasses.asdict(policy),
+            "widen": widths is not None,
             "variants": {k: dataclasses.asdict(v) for k, v in (variants or {}).items()},
             "seconds": round(time.perf_counter() - start, 1),
             "rows": rows,
@@ -754,6 +808,8 @@ def init_label(row: dict[str, Any]) -> str:
     scale, label = row.get("output_scale"), row["init"]
     if row.get("choice") == "random":
         return label + ", probe: random init"
+    if row.get("widened_from"):
+        label += f" (widened from {row['widened_from']})"
     if row.get("blocks") == "random":
         label += ", random blocks"
     if row.get("mix"):

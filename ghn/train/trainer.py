@@ -34,8 +34,8 @@ from ghn.train.distributed import all_processes_agree, barrier, local_array, mak
 from ghn.train.metrics import MetricWriter, versions, write_json
 from ghn.train.programs import Programs
 from ghn.zoo import bucketed as zb
-from ghn.zoo.pools import pools_of
-from ghn.zoo.samplers import sample, space
+from ghn.zoo.pools import candidates_of, pools_of
+from ghn.zoo.samplers import sample
 from ghn.zoo.spec import SpecError
 
 log = logging.getLogger(__name__)
@@ -350,11 +350,10 @@ class Trainer:
                 signal.signal(s, h)
 
     def _candidates(self) -> tuple:
-        archs = self.config.archs
-        if not archs.stream:
+        if not self.config.archs.stream:
             return self.pools.train
         try:
-            return tuple(space(archs.sampler, **archs.ranges.to_dict()))
+            return candidates_of(self.config)
         except SpecError as e:
             raise ConfigError(f"archs.stream=True: {e}; use a pool (archs.stream=False)") from e
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ghn.zoo.dataset import load_dataset
-from ghn.zoo.samplers import sample
+from ghn.zoo.samplers import sample, space
 from ghn.zoo.spec import ArchSpec, SpecError
 
 
@@ -103,3 +103,13 @@ def pools_of(train_config: Mapping[str, Any]) -> Pools:
         num_heldout=ev["num_heldout"],
         larger=ev["larger"],
     )
+
+
+def candidates_of(train_config: Mapping[str, Any]) -> tuple[ArchSpec, ...]:
+    """What a `train.py` run can train on: its pool, or with `archs.stream` every
+    architecture its sampler can draw (held-out ones included: the stream skips them)."""
+    c = _plain(train_config)
+    archs = c["archs"]
+    if not archs.get("stream"):
+        return pools_of(c).train
+    return tuple(space(archs["sampler"], **archs["ranges"]))
