@@ -146,12 +146,14 @@ _PROBE = flags.DEFINE_integer(
 )
 _WIDEN = flags.DEFINE_enum(
     "widen",
-    "auto",
+    "never",
     ["auto", "never"],
     "auto: a ViT or GPT-2 wider than every architecture the GHN trained on is predicted at "
     "the widest trained width it is an integer multiple of, and widened to its own width "
-    "computing the same function (ghn.zoo.widen: units copied, readers divided); never: "
-    "predicted at its own width (the GHN's decoder has no trained parameters there).",
+    "computing the same function (ghn.zoo.widen: units copied, readers divided): far "
+    "better at step 0, but fine-tuning from it ended behind random init on GPT-2s "
+    "(RESULTS.md, 'Wider than training'); never: predicted at its own width (the GHN's "
+    "decoder has no trained parameters past its training widths).",
 )
 _DATA = flags.DEFINE_string("data", None, "Dataset name; default: the GHN's training data.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 0, "Text datasets: sequence length (default: GHN's).")
