@@ -64,7 +64,7 @@ import dataclasses
 
 from absl import flags, logging
 
-from ghn.errors import run_absl
+from ghn.errors import ConfigError, run_absl
 
 _GHN = flags.DEFINE_string("ghn", None, "Shipped GHN name, exported GHN directory or workdir.")
 _ARCHS = flags.DEFINE_string("archs", "heldout,larger", "Target architectures (see above).")
@@ -179,6 +179,11 @@ def main(argv):
     setup = evaluate.Setup.from_ghn_info(info, _DATA.value, seq_len=_SEQ_LEN.value, **kw)
     specs = evaluate.resolve_archs(_ARCHS.value, info, setup)
     widths = evaluate.trained_widths(info) if _WIDEN.value == "auto" else None
+    if _WIDEN.value == "auto" and not widths:
+        raise ConfigError(
+            f"--widen auto needs the ViT and GPT-2 widths {_GHN.value} was trained on, and it "
+            "records none (no training config, or no ViTs or GPT-2s in it); use --widen never"
+        )
     # Every target must fit every GHN: fail now, not after hours of fine-tuning.
     for label, other in [("--ghn", hyper), *other_ghns.items()]:
         for spec in specs:

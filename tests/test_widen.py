@@ -136,3 +136,12 @@ def test_predict_model_widens_past_the_trained_widths():
     pred, rand = result.rows()
     assert pred["widened_from"] == source.name and "widened_from" not in rand
     assert f"(widened from {source.name})" in evaluate.init_label(pred)
+
+
+def test_trained_widths_are_those_a_shipped_ghn_trained_on():
+    widths = evaluate.trained_widths(ghn.hub.info("gpt2-text"))
+    # gpts-1k with 8 heads over widths 16-128 in multiples of 8.
+    assert widths == {(w, 8) for w in range(16, 129, 8)}
+    vit = evaluate.trained_widths(ghn.hub.info("vit-mnist"))
+    assert max(w for w, _ in vit) == 128 and (96, 8) in vit and (128, 1) in vit
+    assert evaluate.trained_widths({}) is None  # no training record
