@@ -9,8 +9,10 @@ version (no allocation, how GPT-2 XL gets traced).
     model = spec.build(rngs=nnx.Rngs(0))
     logits = model(spec.example_input())
     specs = zoo.parse_archs("vit-ti:patch_size=7,archs.json:heldout")  # command-line names
+    state = zoo.widen.widen(narrow_state, narrow_spec, wide_spec)  # same function, wider
 """
 
+from ghn.zoo import widen
 from ghn.zoo.cellnet import OPS, CellNetSpec
 from ghn.zoo.dataset import load_dataset, write_dataset
 from ghn.zoo.gpt2 import GPT2Spec
@@ -41,5 +43,6 @@ __all__ = [
     "sample",
     "space",
     "spec_from_json",
+    "widen",
     "write_dataset",
 ]
