@@ -40,15 +40,19 @@ def validation_metrics(model, setup, batches: int) -> dict[str, float]:
     return setup.task.summarize(loss, tot["metric_sum"] / tot["count"])
 
 
-def default_and_random(hyper, spec, setup, widths=None) -> tuple[dict, dict, dict]:
+def default_and_random(
+    hyper, spec, setup, widths=None, *, prepare: bool = True
+) -> tuple[dict, dict | None, dict]:
     """Step-0 metrics of the prediction (widened past `widths`, `evaluate.predict_model`),
     of that prediction as eval.py uses it by default (prepared on 4 training batches,
     `ghn.calibrate.prepare`: blocks kept or not, the random init added, held to its loss,
-    then the probe), and of the random init, on 300 examples."""
+    then the probe; None without `prepare`), and of the random init, on 300 examples."""
     model, _ = evaluate.predict_model(hyper, spec, setup, widths=widths)
     raw = validation_metrics(model, setup, batches=3)
-    evaluate.prepare_prediction(model, spec, setup, evaluate.Recipe(), evaluate.Policy())
-    predicted = validation_metrics(model, setup, batches=3)
+    predicted = None
+    if prepare:
+        evaluate.prepare_prediction(model, spec, setup, evaluate.Recipe(), evaluate.Policy())
+        predicted = validation_metrics(model, setup, batches=3)
     return raw, predicted, validation_metrics(spec.build(rngs=nnx.Rngs(0)), setup, batches=3)
 
 
@@ -144,14 +148,17 @@ def test_shipped_ghn_starts_no_worse_than_random_on_a_larger_architecture(name):
 def test_shipped_ghn_predicts_a_larger_architecture_far_better_than_random_widened(name):
     """The same "larger" architecture predicted at half its width and widened
     (`ghn.zoo.widen`, eval.py --widen auto) is far better than random init with no
-    training, and still no worse as eval.py prepares it."""
+    training; prepared as eval.py does (ViT), below random init."""
     hyper, info = ghn.load(name, with_info=True)
     setup = evaluate.Setup.from_ghn_info(info)
     spec = setup.fit(evaluate.training_pools(info).larger[0])
     widths = evaluate.trained_widths(info)
     assert evaluate.widened_from(spec, widths) == spec.replace(width=spec.width // 2)
-    raw, predicted, random = default_and_random(hyper, spec, setup, widths)
-    if setup.task.kind == "image":
+    image = setup.task.kind == "image"
+    # The GPT-2's prepared prediction is handed back to random init by the probe: the
+    # test above covers that path, at the cost of the probe's fine-tuning.
+    raw, predicted, random = default_and_random(hyper, spec, setup, widths, prepare=image)
+    if image:
         # Measured on these 300 digits: widened from vit-d9-w96-h8-p7, loss 1.563 and
         # accuracy 0.437 (predicted at width 192 directly: 3.77, 0.10); prepared (its
         # blocks kept, + random, untempered; the probe keeps it) 2.206; random init ln 10.
@@ -161,7 +168,6 @@ def test_shipped_ghn_predicts_a_larger_architecture_far_better_than_random_widen
         # Measured on 3 batches of 100 windows: widened from gpt2-d9-w96-h8, 3.071 against
         # random init's 5.381 (direct: 3.733); prepared, the probe hands back random init.
         assert raw["loss"] < random["loss"] - 2.0, (raw, random)
-    assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
 
 
 @pytest.mark.parametrize("name, data", [("vit-mnist", "digits28"), ("gpt2-text", "python_source")])

@@ -1,6 +1,7 @@
 """Function-preserving widening (ghn.zoo.widen) and predictions past a GHN's trained widths."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -17,15 +18,28 @@ VIT = zoo.ViTSpec(
 )
 
 
-def random_params(model, seed: int):
-    """Every parameter drawn N(0, 0.5^2): norm scales, biases and the zero-init head
-    included, so a copy or a scale applied to the wrong axis shows in the output."""
-    state = nnx.state(model, nnx.Param)
+def random_params(state, seed: int):
+    """Every parameter of `state` drawn N(0, 0.5^2): norm scales, biases and the zero-init
+    head included, so a copy or a scale applied to the wrong axis shows in the output."""
     leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    rng = np.random.default_rng(seed)
     return jax.tree.unflatten(
-        treedef, [0.5 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+        treedef, [jnp.asarray(0.5 * rng.standard_normal(x.shape), jnp.float32) for x in leaves]
     )
+
+
+def forward(spec, params, x):
+    """`spec`'s model holding `params`, on x: one compiled program, built abstractly (eager
+    NNX would compile every op and every initializer)."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))))
+    return jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, x)
+
+
+def abstract_params(spec):
+    return nnx.state(nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0))), nnx.Param)
+
+
+widen_jit = jax.jit(widen.widen, static_argnums=(1, 2))
 
 
 @pytest.mark.parametrize(
@@ -41,13 +55,10 @@ def random_params(model, seed: int):
 )
 def test_a_widened_model_computes_the_narrow_models_function(source, width, heads):
     target = source.replace(width=width, num_heads=heads)
-    narrow = source.build(rngs=nnx.Rngs(0))
-    params = random_params(narrow, 1)
-    nnx.update(narrow, params)
-    wide = target.build(rngs=nnx.Rngs(0))
-    nnx.update(wide, widen.widen(params, source, target))
+    params = random_params(abstract_params(source), 1)
     x = source.example_input(3)
-    want, got = narrow(x), wide(x)
+    want = forward(source, params, x)
+    got = forward(target, widen_jit(params, source, target), x)
     tokens = x.shape[1] if isinstance(source, zoo.GPT2Spec) else 5
     # The wide model sums k copies where the narrow one has one term: the reduction
     # lengths are the wide model's.
@@ -57,12 +68,13 @@ def test_a_widened_model_computes_the_narrow_models_function(source, width, head
     reduction += width + 16  # the head (or tied embedding) over the width; the patch kernel
     assert_close(got, want, reduction=reduction)
     # And it is not the trivial match: the wide model differs from a random one.
-    assert not np.allclose(target.build(rngs=nnx.Rngs(0))(x), want, atol=1e-2)
+    other = random_params(abstract_params(target), 2)
+    assert not np.allclose(forward(target, other, x), want, atol=1e-2)
 
 
 def test_widening_copies_units_and_divides_what_reads_them():
     target = GPT.replace(width=48, num_heads=2)  # k = 3 = head width ratio
-    params = random_params(GPT.build(rngs=nnx.Rngs(0)), 2)
+    params = random_params(abstract_params(GPT), 2)
     wide = widen.widen(params, GPT, target)
     fc = np.asarray(params["blocks"][0]["mlp"]["c_fc"]["kernel"][...])
     wfc = np.asarray(wide["blocks"][0]["mlp"]["c_fc"]["kernel"][...])
@@ -127,7 +139,8 @@ def test_predict_model_widens_past_the_trained_widths():
     reduction = transformer_reduction(
         depth=1, width=128, mlp_width=512, head_dim=64, tokens=tokens
     ) + (128 + 49)  # the head over the width; the 7 x 7 patch kernel
-    assert_close(model(x), narrow(x), reduction=reduction)
+    got = forward(spec, nnx.state(model, nnx.Param), x)
+    assert_close(got, forward(source, nnx.state(narrow, nnx.Param), x), reduction=reduction)
     assert jax.tree.structure(predicted) == jax.tree.structure(nnx.state(model, nnx.Param))
     # compare() fine-tunes that init and says where it came from.
     recipe = evaluate.Recipe(steps=2, batch_size=8, eval_batch_size=50, eval_batches=1)
