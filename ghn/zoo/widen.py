@@ -40,6 +40,7 @@ from ghn.zoo.spec import ArchSpec
 from ghn.zoo.vit import ViTSpec
 
 FAMILIES = (ViTSpec, GPT2Spec)
+WIDTH_FIELDS = ("width", "num_heads")  # the fields a widening changes
 
 # Per parameter (matched on the end of its path): what each axis indexes. "d" the
 # residual width, "h" the MLP's hidden units, "qkv" a fused [q | k | v] projection
@@ -91,8 +92,6 @@ def ratios(source: ArchSpec, target: ArchSpec) -> tuple[int, int, int]:
         )
     return wt // ws, ht // hs, dt // ds
 
-
-WIDTH_FIELDS = ("width", "num_heads")
 
 
 def _name(entry) -> str:
