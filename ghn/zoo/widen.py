@@ -93,7 +93,6 @@ def ratios(source: ArchSpec, target: ArchSpec) -> tuple[int, int, int]:
     return wt // ws, ht // hs, dt // ds
 
 
-
 def _name(entry) -> str:
     for attr in ("key", "idx", "name"):
         if hasattr(entry, attr):
