@@ -32,6 +32,7 @@ from ghn.checkpoint import (
 )
 from ghn.errors import ConfigError, GHNError
 from ghn.hypernet import GHN, GHNConfig, abstract_ghn
+from ghn.treepath import entry_key
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 FORMAT = 1
@@ -90,7 +91,7 @@ def _lookup(raw, path) -> Any:
     """`raw[k1][k2]...` for a tree path, accepting the string keys Orbax restores ints as."""
     node = raw
     for entry in path:
-        key = getattr(entry, "key", getattr(entry, "idx", None))
+        key = entry_key(entry)
         if isinstance(node, dict):
             node = node[key] if key in node else node[str(key)]
         else:

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ghn.errors import ConfigError
+from ghn.treepath import entry_key
 
 
 def count_params(x: Any) -> int:
@@ -30,7 +31,7 @@ def count_params(x: Any) -> int:
 def in_repeated_block(path: tuple) -> bool:
     """Whether a state path (`jax.tree_util` keys) runs through a sequence of modules:
     an integer key, as in `blocks[3].attn.qkv.kernel` (an `nnx.List` of blocks)."""
-    return any(isinstance(getattr(k, "key", getattr(k, "idx", None)), int) for k in path)
+    return any(isinstance(entry_key(k), int) for k in path)
 
 
 def with_random_blocks(predicted, random):

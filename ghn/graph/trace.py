@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -34,6 +33,7 @@ from flax import nnx
 from ghn._compat import patched_calls
 from ghn.errors import GHNError
 from ghn.graph.graph import DEFAULT_SPD_CUTOFF, Graph, ParamInfo, norm_like
+from ghn.treepath import path_str
 
 SCOPE_PREFIX = "ghn@"
 
@@ -144,14 +144,6 @@ class _Node:
     shape: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
-def _path_str(path: Sequence[Any]) -> str:
-    parts = []
-    for k in path:
-        k = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-        parts.append(str(k))
-    return "/".join(parts)
-
-
 def _leaf_paths(state) -> list[str]:
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     out = []
@@ -159,7 +151,7 @@ def _leaf_paths(state) -> list[str]:
         # Variables flatten to their `.value` (or `.raw_value`) attribute.
         if path and isinstance(path[-1], jax.tree_util.GetAttrKey):
             path = path[:-1]
-        out.append(_path_str(path))
+        out.append(path_str(path))
     return out
 
 
@@ -172,7 +164,7 @@ def _module_scopes(model: nnx.Module, stack: list[str], classes_out: dict[str, s
     Python-side module stack so a failing forward can say where it failed.
     """
     modules = list(nnx.iter_modules(model))
-    paths = {id(m): _path_str(p) for p, m in modules}
+    paths = {id(m): path_str(p) for p, m in modules}
     classes_out.update({paths[id(m)]: type(m).__name__ for _, m in modules})
     failed_in: list[str] = []
 

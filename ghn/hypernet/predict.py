@@ -45,6 +45,7 @@ from ghn.hypernet.batch import GraphBatch, make_batch
 from ghn.hypernet.decoder import check_width, view_read, view_span
 from ghn.hypernet.normalize import EPS, RULES, target_stds
 from ghn.sharding import largest_axis_sharding
+from ghn.treepath import path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1139,7 +1140,7 @@ def with_params(model: nnx.Module, params: nnx.State) -> nnx.Module:
     """Puts predicted parameters into `model` (in place) and returns it."""
     nnx.update(model, params)
     abstract = [
-        "/".join(str(getattr(k, "key", k)) for k in p)
+        path_str(p)
         for p, v in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]
         if isinstance(v, jax.ShapeDtypeStruct)
     ]

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ghn.errors import ConfigError
+from ghn.treepath import path_names
 from ghn.zoo.gpt2 import GPT2Spec
 from ghn.zoo.spec import ArchSpec
 from ghn.zoo.vit import ViTSpec
@@ -93,13 +94,6 @@ def ratios(source: ArchSpec, target: ArchSpec) -> tuple[int, int, int]:
     return wt // ws, ht // hs, dt // ds
 
 
-def _name(entry) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
 def _rule(path: tuple[str, ...]) -> tuple[str | None, ...]:
     for n in range(len(path), 0, -1):
         if path[-n:] in AXES:
@@ -126,7 +120,7 @@ def widen(state, source: ArchSpec, target: ArchSpec):
     tied_head = isinstance(target, GPT2Spec) and target.tie_embeddings
 
     def grow(path, x):
-        names = tuple(_name(e) for e in path)
+        names = path_names(path)
         names = tuple(n for n in names if n not in ("value", "raw_value"))
         kinds = _rule(names)
         if len(kinds) != x.ndim:
