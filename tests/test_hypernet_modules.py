@@ -9,6 +9,7 @@ from flax import nnx
 from tolerances import assert_close, encoder_reduction
 
 import ghn
+from ghn.errors import ConfigError
 from ghn.hypernet import init
 from ghn.hypernet.batch import SHAPE_VOCAB, GraphBatch, make_batch, padded_size, shape_bucket
 from ghn.hypernet.config import GHNConfig
@@ -59,6 +60,16 @@ def test_attention_shapes_reach_the_encoder_only_when_configured(graphs):
     recorded = {k: v for k, v in SMALL.to_dict().items() if k != "attention_shapes"}
     assert not GHNConfig.from_json(recorded).attention_shapes
     assert GHNConfig.from_json(SMALL.to_json()).attention_shapes
+
+
+def test_embedding_scale_of_recorded_configs():
+    # Recorded before the field existed: trained with GPT-2's init std 0.02.
+    recorded = {k: v for k, v in SMALL.to_dict().items() if k != "embedding_scale"}
+    assert GHNConfig.from_json(recorded).embedding_scale == "init"
+    assert GHNConfig.from_json(SMALL.to_json()).embedding_scale == SMALL.embedding_scale
+    assert GHNConfig().embedding_scale == "fan_in"
+    with pytest.raises(ConfigError, match="embedding_scale"):
+        GHNConfig(embedding_scale="xavier")
 
 
 def test_config_json_round_trip_and_named_sizes():

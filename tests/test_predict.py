@@ -108,12 +108,31 @@ def test_statistics_per_role(hyper):
             expected = 1 / math.sqrt(info.fan_in) / (math.sqrt(8) if path in residual else 1)
             assert 0.5 * expected < v.std() < 2 * expected, path
             assert abs(v.mean()) < 0.2 * expected, path
-        elif info.role in ("embedding", "pos_embedding"):
+        elif info.role == "embedding":  # the default embedding_scale: fan-in
+            assert 0.5 < v.std() * math.sqrt(info.fan_in) < 2, path
+        elif info.role == "pos_embedding":
             assert 0.01 < v.std() < 0.04, path
         elif info.role == "norm_scale":
             assert abs(v.mean() - 1) < 0.1 and v.min() > 0.7 and v.max() < 1.3, path
         elif info.role in ("bias", "norm_bias"):
             assert abs(v.mean()) < 0.05 and np.abs(v).max() <= 0.1, path
+
+
+@pytest.mark.parametrize("scale", ["fan_in", "init"])
+def test_embedding_scale_sets_the_token_embeddings_rms(scale):
+    config = ghn.GHNConfig.named("tiny", embedding_scale=scale)
+    hyper = ghn.GHN(config, rngs=nnx.Rngs(0))
+    spec = zoo.GPT2Spec(depth=2, width=48, num_heads=4, vocab_size=96, context_length=16)
+    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    params = hyper.predict(model, spec.input_spec())
+    want = {"fan_in": 1 / math.sqrt(spec.width), "init": 0.02}[scale]
+    for name, p in (("wte", params["wte"]["embedding"]), ("wpe", params["wpe"]["embedding"])):
+        p = np.asarray(p[...], np.float64)
+        rms = np.sqrt(np.mean(np.square(p)))
+        # The rescale sets the rms from float32 sums: ||A B||^2 through r x r Gram
+        # matrices of rows + cols terms each, then the r-term products of the entries.
+        n = config.rank * (p.shape[0] + p.shape[1]) + config.rank**2 + config.rank
+        assert_close(rms, want if name == "wte" else 0.02, reduction=n, err_msg=name)
 
 
 def test_conv_fan_in_uses_real_layout(hyper):

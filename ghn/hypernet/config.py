@@ -11,6 +11,7 @@ from ghn.errors import ConfigError
 DECODERS = ("lowrank", "tiled")
 FACTORS = ("view", "transpose")
 PAST_MAX_DIM = ("error", "wrap")
+EMBEDDING_SCALES = ("fan_in", "init")
 
 # Named sizes. LoGAH-Tiny is the paper's (d=64, 3 layers, 8 heads, r=32).
 # The larger ones are our choice: the width d grows ~1.5-2x per step, depth
@@ -66,6 +67,12 @@ class GHNConfig:
         are the same graph to the GHN and get the same prediction. GHNs recorded
         before this field existed were trained without it (`from_json` reads a
         missing field as False), so their predictions do not change.
+      embedding_scale: the std predicted token embeddings are scaled to: "fan_in"
+        (1 / sqrt(width), LeCun over the embedding width, which is a tied output
+        head's fan-in) or "init" (GPT-2's init std 0.02). With "init", a tied head's
+        logits are capped near 0.02 * width and a GPT-2 GHN stays on the unigram
+        plateau (`ghn.hypernet.normalize`; RESULTS.md). GHNs recorded before this
+        field existed were trained with "init" (`from_json` reads a missing field so).
     """
 
     d_model: int = 64
@@ -82,12 +89,17 @@ class GHNConfig:
     max_spd: int = 50
     max_degree: int = 32
     attention_shapes: bool = True
+    embedding_scale: str = "fan_in"
 
     def __post_init__(self):
         if self.decoder not in DECODERS:
             raise ConfigError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         if self.factors not in FACTORS:
             raise ConfigError(f"factors must be one of {FACTORS}, got {self.factors!r}")
+        if self.embedding_scale not in EMBEDDING_SCALES:
+            raise ConfigError(
+                f"embedding_scale must be one of {EMBEDDING_SCALES}, got {self.embedding_scale!r}"
+            )
         if self.past_max_dim not in PAST_MAX_DIM:
             raise ConfigError(
                 f"past_max_dim must be one of {PAST_MAX_DIM}, got {self.past_max_dim!r}"
@@ -128,6 +140,7 @@ class GHNConfig:
         if unknown:
             raise ConfigError(f"unknown GHNConfig keys {unknown}; known keys are {sorted(known)}")
         d.setdefault("attention_shapes", False)
+        d.setdefault("embedding_scale", "init")
         # Recorded before `factors` existed: the transpose unless the (then opt-in)
         # reference view was asked for with `paper_parity`.
         legacy_view = d.pop("paper_parity", False)

@@ -7,6 +7,15 @@ Vectors (biases, norm scales) are squashed around their usual value with tanh.
 
 Fan-in comes from `ParamInfo`, i.e. from the axes the forward pass actually
 contracts, never from an assumed storage layout.
+
+Token embeddings get LeCun scale over their width by default
+(`GHNConfig.embedding_scale="fan_in"`), not GPT-2's init std 0.02: a tied
+embedding is also the output head, whose logits then have std up to
+std * width * (final norm's scale). At 0.02 and the zoo's widths (16-128) that
+caps them near 0.3-2.6, so a GHN can only spread its outputs by aligning every
+token's row with a few directions (measured: effective rank 4 of 88) and stays
+on the unigram plateau; at fan-in scale it leaves it within a few hundred
+steps (RESULTS.md, "The tied embedding's scale").
 """
 
 from __future__ import annotations
@@ -37,7 +46,8 @@ RULES: dict[str, Rule] = {
     "dense": Rule("rms", gain=1.0),
     # He fan-in scaling: conv layers are followed by ReLU-family activations.
     "conv": Rule("rms", gain=2.0),
-    "embedding": Rule("rms", std=0.02),
+    # A token embedding (tied: also the output head) at fan-in scale; see the docstring.
+    "embedding": Rule("rms", gain=1.0),
     "pos_embedding": Rule("rms", std=0.02),
     "cls_token": Rule("rms", std=0.02),
     "other": Rule("rms", std=0.02),
@@ -48,6 +58,15 @@ RULES: dict[str, Rule] = {
 }
 
 EPS = 1e-12
+
+# `GHNConfig.embedding_scale`: the "embedding" rule. "init" is GPT-2's random init
+# (std 0.02), which GHNs recorded before the option existed were trained with.
+EMBEDDING_RULES: dict[str, Rule] = {"fan_in": RULES["embedding"], "init": Rule("rms", std=0.02)}
+
+
+def rules_for(embedding_scale: str = "fan_in") -> dict[str, Rule]:
+    """The normalization table with `embedding_scale`'s rule for token embeddings."""
+    return {**RULES, "embedding": EMBEDDING_RULES[embedding_scale]}
 
 
 def residual_projections(graph: Graph) -> set[str]:
@@ -68,13 +87,13 @@ def residual_projections(graph: Graph) -> set[str]:
     return out
 
 
-def target_stds(graph: Graph) -> dict[str, float]:
-    """Target std for every parameter with an "rms" rule."""
+def target_stds(graph: Graph, rules: dict[str, Rule] = RULES) -> dict[str, float]:
+    """Target std for every parameter with an "rms" rule of `rules`."""
     residual = residual_projections(graph)
     n_layer = max(1, math.ceil(len(residual) / 2))
     out = {}
     for path, info in graph.params.items():
-        rule = RULES[info.role]
+        rule = rules[info.role]
         if rule.kind != "rms":
             continue
         std = target_std(info, rule)

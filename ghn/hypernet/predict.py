@@ -43,7 +43,7 @@ from ghn.cache import LRUCache
 from ghn.graph import Graph, ParamInfo, trace
 from ghn.hypernet.batch import GraphBatch, make_batch
 from ghn.hypernet.decoder import check_width, view_read, view_span
-from ghn.hypernet.normalize import EPS, RULES, target_stds
+from ghn.hypernet.normalize import EPS, RULES, Rule, rules_for, target_stds
 from ghn.sharding import largest_axis_sharding
 from ghn.treepath import path_str
 
@@ -74,16 +74,18 @@ def _matrix_dims(info: ParamInfo) -> tuple[int, int]:
     return c_out * kh, c_in * kw
 
 
-def make_plan(graph: Graph) -> Plan:
+def make_plan(graph: Graph, rules: dict[str, Rule] = RULES) -> Plan:
+    """How every parameter of `graph` is decoded and scaled, by the table `rules`
+    (`ghn.hypernet.normalize.rules_for(config.embedding_scale)` for a GHN's config)."""
     infos = tuple(graph.params.values())
-    stds = target_stds(graph)
+    stds = target_stds(graph, rules)
     buckets: dict[tuple, list] = {}
 
     def is_vector(info: ParamInfo) -> bool:
-        return sum(1 for a in info.shape if a != 1) <= 1 and RULES[info.role].kind == "squash"
+        return sum(1 for a in info.shape if a != 1) <= 1 and rules[info.role].kind == "squash"
 
     for leaf, info in enumerate(infos):
-        rule = RULES[info.role]
+        rule = rules[info.role]
         if is_vector(info):
             # A node's 1-D parameters (a norm's scale, then its bias) take the
             # two decoded rows in order.
@@ -1084,7 +1086,7 @@ def prepare(model: nnx.Module, example_inputs: Sequence[Any], config) -> Prepare
     if hit is not None:
         return hit
     graph = trace(model, *example_inputs)
-    plan = make_plan(graph)
+    plan = make_plan(graph, rules_for(config.embedding_scale))
     # The one check that an architecture fits this GHN: everything that predicts
     # (predict, meta-training, evaluation) goes through here first.
     check_fits(plan, config)
