@@ -21,6 +21,7 @@ from test_train_common import (
 )
 from tolerances import assert_close
 
+from ghn.checkpoint import Checkpointer
 from ghn.train import CheckpointError, NonFiniteError, Trainer, read_metrics, run
 from ghn.train.distributed import make_mesh
 from ghn.zoo.pools import pools_of
@@ -114,6 +115,21 @@ def test_incompatible_or_corrupt_checkpoints_are_clear_errors(tmp_path):
     other_data = tiny_config({"num_steps": 2, "data.batch_size": 32})
     with pytest.raises(CheckpointError, match="other data"):
         Trainer(other_data, tmp_path)
+
+    # A checkpoint recorded before `embedding_scale` existed was trained with "init".
+    read_meta = Checkpointer.read_meta
+
+    def recorded_before(self, step):
+        meta = read_meta(self, step)
+        ghn_config = {k: v for k, v in meta["ghn_config"].items() if k != "embedding_scale"}
+        return {**meta, "ghn_config": ghn_config}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Checkpointer, "read_meta", recorded_before)
+        fan_in = "embedding_scale: checkpoint 'init', config 'fan_in'"
+        with pytest.raises(CheckpointError, match=fan_in):
+            Trainer(tiny_config({"num_steps": 2}), tmp_path)
+        Trainer(tiny_config({"num_steps": 2, "ghn.embedding_scale": "init"}), tmp_path).close()
 
     for path in (tmp_path / "checkpoints" / "1" / "state").rglob("*"):
         if path.is_file() and path.parent.name == "d":  # the array data files

@@ -26,6 +26,7 @@ import numpy as np
 
 from ghn.checkpoint import FORMAT, Checkpointer, CheckpointError, tree_digest
 from ghn.errors import ConfigError
+from ghn.hypernet import GHNConfig
 from ghn.tasks import check_archs, eval_batches, load_datasets, train_iterator
 from ghn.train import compile_cache
 from ghn.train.archs import ArchSampler, GroupedSampler, StreamSampler, fingerprint
@@ -165,6 +166,10 @@ class Trainer:
         if step is None:
             return self.programs.init_state()
         meta = self.ckpt.read_meta(step)
+        if isinstance(meta.get("ghn_config"), dict):
+            # As a GHN of that config reads it: fields added since get the value the
+            # checkpoint was trained with (`GHNConfig.from_json`), not today's default.
+            meta = {**meta, "ghn_config": GHNConfig.from_json(meta["ghn_config"]).to_dict()}
         self.ckpt.check_compatible(step, meta, self._expected_meta())
         try:
             self.train_it.restore(meta["data_iterator"])
