@@ -72,9 +72,10 @@ def test_shipped_ghn_predicts_a_heldout_architecture_far_better_than_random(name
         assert predicted["accuracy"] > 0.45, (predicted, random)
         assert predicted["loss"] < random["loss"] - 0.85, (predicted, random)
     else:
-        # Bytes: random init ~5.4 (uniform: ln 256 = 5.55); measured on 8 batches of 64
-        # windows: 2.935 and 2.916 against 5.428 and 5.342 (the two held-out GPT-2s).
-        assert predicted["loss"] < random["loss"] - 2.0, (predicted, random)
+        # Bytes: random init ~5.4 (uniform: ln 256 = 5.55); measured on these 300 windows:
+        # 2.456 against 5.459 (on 8 batches of 64: 2.293 and 2.295 against 5.428 and 5.342,
+        # the two held-out GPT-2s; the GHN trained with embedding_scale="init": 2.94, 2.92).
+        assert predicted["loss"] < random["loss"] - 2.7, (predicted, random)
     assert np.isfinite(predicted["loss"])
 
 
@@ -101,13 +102,13 @@ def test_gpt2_text_decodes_the_gpt2_presets_with_bytes():
     [
         ("vit-mnist", "heldout", True),
         ("vit-mnist", "larger", False),
-        ("gpt2-text", "heldout", False),
+        ("gpt2-text", "heldout", True),
     ],
 )
 def test_predicted_blocks_are_kept_only_where_they_carry_the_gain(name, target, kept):
     """eval.py's default preparation (`ghn.calibrate.keep_blocks` on 4 training batches):
-    the held-out ViT's predicted blocks carry its whole gain over random init; the GPT-2's
-    carry a few percent of it; the larger ViT's prediction is worse than random init."""
+    the held-out ViT's and GPT-2's predicted blocks carry their whole gain over random init;
+    the larger ViT's prediction is worse than random init."""
     hyper, info = ghn.load(name, with_info=True)
     setup = evaluate.Setup.from_ghn_info(info)
     pools = evaluate.training_pools(info)
@@ -118,8 +119,10 @@ def test_predicted_blocks_are_kept_only_where_they_carry_the_gain(name, target, 
     share = (done.losses["blocks"] - done.losses["pred"]) / (
         done.losses["ref"] - done.losses["pred"]
     )
-    # Measured shares: vit-mnist held-out 1.5, gpt2-text held-out 0.04, vit-mnist larger
-    # negative gain (prediction worse than random init); the threshold is 0.5.
+    # Measured shares: vit-mnist held-out 1.5, gpt2-text held-out 2.3 (random blocks under
+    # the predicted embeddings: 9.6, worse than random init's 5.5; 0.04 with the GHN
+    # trained with embedding_scale="init"), vit-mnist larger negative gain (prediction
+    # worse than random init); the threshold is 0.5.
     assert done.blocks == ("predicted" if kept else "random"), (done.losses, share)
     assert (done.mix, done.combine) == (1.0, "add")
 
@@ -138,10 +141,11 @@ def test_shipped_ghn_starts_no_worse_than_random_on_a_larger_architecture(name):
     # of Recipe()) hands back the random init (1.976 vs 1.826). A tempered prediction is
     # at most the uniform guess (= this random init) on the 4 training batches; at alpha
     # near 0 its loss on other digits differs from ln 10 by about alpha times the logits'
-    # spread, well under 0.01. GPT: prepared 3.464 before the probe (random blocks,
-    # + random, untempered; raw 3.733), then the probe's lead is 0.001 within its error
-    # 0.007: the random init itself, 5.381.
+    # spread, well under 0.01. GPT: raw 4.451, prepared (its blocks kept, + random,
+    # untempered) 4.445; the probe keeps it (2.711 vs 3.089, error 0.008); random 5.381.
     assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
+    if setup.task.kind == "text":
+        assert predicted["loss"] < random["loss"] - 0.5, (predicted, random)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -155,8 +159,8 @@ def test_shipped_ghn_predicts_a_larger_architecture_far_better_than_random_widen
     widths = evaluate.trained_widths(info)
     assert evaluate.widened_from(spec, widths) == spec.replace(width=spec.width // 2)
     image = setup.task.kind == "image"
-    # The GPT-2's prepared prediction is handed back to random init by the probe: the
-    # test above covers that path, at the cost of the probe's fine-tuning.
+    # The GPT-2's preparation and probe are the test above's path (no need to pay for the
+    # probe's fine-tuning twice).
     raw, predicted, random = default_and_random(hyper, spec, setup, widths, prepare=image)
     if image:
         # Measured on these 300 digits: widened from vit-d9-w96-h8-p7, loss 1.563 and
@@ -165,9 +169,9 @@ def test_shipped_ghn_predicts_a_larger_architecture_far_better_than_random_widen
         assert raw["loss"] < random["loss"] - 0.5 and raw["accuracy"] > 0.3, (raw, random)
         assert predicted["loss"] < random["loss"] - 0.05, (predicted, random)
     else:
-        # Measured on 3 batches of 100 windows: widened from gpt2-d9-w96-h8, 3.071 against
-        # random init's 5.381 (direct: 3.733); prepared, the probe hands back random init.
-        assert raw["loss"] < random["loss"] - 2.0, (raw, random)
+        # Measured on 3 batches of 100 windows: widened from gpt2-d9-w96-h8, 2.508 against
+        # random init's 5.381 (direct: 4.451).
+        assert raw["loss"] < random["loss"] - 2.5, (raw, random)
 
 
 @pytest.mark.parametrize("name, data", [("vit-mnist", "digits28"), ("gpt2-text", "python_source")])
@@ -184,6 +188,8 @@ def test_shipped_ghn_starts_no_worse_than_random_on_data_it_never_saw(name, data
     # tempered to alpha 0; then the probe hands back the random init), random ln 10 = 2.303
     # (zero head); tempering is fitted on training digits: at alpha near 0 its loss on
     # other digits differs from ln 10 by about alpha times the logits' spread, well under
-    # 0.01. python_source: prepared 3.084 (random blocks, + random, untempered; the probe
-    # keeps it: 2.817 vs 3.651) against 5.451.
+    # 0.01. python_source: raw 2.544, prepared 2.603 (its blocks kept, + random,
+    # untempered; the probe keeps it: 2.432 vs 3.651, error 0.015) against 5.451.
     assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
+    if setup.task.kind == "text":
+        assert predicted["loss"] < random["loss"] - 2.0, (predicted, random)
