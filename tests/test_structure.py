@@ -18,6 +18,7 @@ LAYERS = {
     "ghn.hostmem": 0,
     "ghn.params": 0,
     "ghn.sharding": 0,
+    "ghn.treepath": 0,
     "ghn.zoo": 1,
     "ghn.baselines": 1,
     "ghn.graph": 1,
