@@ -62,14 +62,19 @@ def test_attention_shapes_reach_the_encoder_only_when_configured(graphs):
     assert GHNConfig.from_json(SMALL.to_json()).attention_shapes
 
 
-def test_embedding_scale_of_recorded_configs():
-    # Recorded before the field existed: trained with GPT-2's init std 0.02.
-    recorded = {k: v for k, v in SMALL.to_dict().items() if k != "embedding_scale"}
-    assert GHNConfig.from_json(recorded).embedding_scale == "init"
-    assert GHNConfig.from_json(SMALL.to_json()).embedding_scale == SMALL.embedding_scale
-    assert GHNConfig().embedding_scale == "fan_in"
-    with pytest.raises(ConfigError, match="embedding_scale"):
-        GHNConfig(embedding_scale="xavier")
+@pytest.mark.parametrize(
+    ("field", "default", "bad"),
+    [("embedding_scale", "fan_in", "xavier"), ("position_scale", "stream", "fan_in")],
+)
+def test_embedding_scales_of_recorded_configs(field, default, bad):
+    # Recorded before the field existed: trained with the random init's std 0.02.
+    recorded = {k: v for k, v in SMALL.to_dict().items() if k != field}
+    assert getattr(GHNConfig.from_json(recorded), field) == "init"
+    other = SMALL.replace(**{field: "init"})
+    assert GHNConfig.from_json(other.to_json()) == other
+    assert getattr(GHNConfig(), field) == default
+    with pytest.raises(ConfigError, match=field):
+        GHNConfig(**{field: bad})
 
 
 def test_config_json_round_trip_and_named_sizes():

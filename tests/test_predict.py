@@ -110,29 +110,50 @@ def test_statistics_per_role(hyper):
             assert abs(v.mean()) < 0.2 * expected, path
         elif info.role == "embedding":  # the default embedding_scale: fan-in
             assert 0.5 < v.std() * math.sqrt(info.fan_in) < 2, path
-        elif info.role == "pos_embedding":
-            assert 0.01 < v.std() < 0.04, path
+        elif info.role == "pos_embedding":  # the default position_scale: the token embedding's
+            assert 0.5 < v.std() * math.sqrt(spec.width) < 2, path
         elif info.role == "norm_scale":
             assert abs(v.mean() - 1) < 0.1 and v.min() > 0.7 and v.max() < 1.3, path
         elif info.role in ("bias", "norm_bias"):
             assert abs(v.mean()) < 0.05 and np.abs(v).max() <= 0.1, path
 
 
+def assert_rms(p, want, config, err_msg):
+    p = np.asarray(p[...], np.float64)
+    rms = np.sqrt(np.mean(np.square(p.reshape(-1, p.shape[-1]))))
+    # The rescale sets the rms from float32 sums: ||A B||^2 through r x r Gram
+    # matrices of rows + cols terms each, then the r-term products of the entries.
+    rows, cols = math.prod(p.shape[:-1]), p.shape[-1]
+    n = config.rank * (rows + cols) + config.rank**2 + config.rank
+    assert_close(rms, want, reduction=n, err_msg=err_msg)
+
+
+@pytest.mark.parametrize("position", ["stream", "init"])
 @pytest.mark.parametrize("scale", ["fan_in", "init"])
-def test_embedding_scale_sets_the_token_embeddings_rms(scale):
-    config = ghn.GHNConfig.named("tiny", embedding_scale=scale)
+def test_embedding_scales_set_the_gpt2_embeddings_rms(scale, position):
+    config = ghn.GHNConfig.named("tiny", embedding_scale=scale, position_scale=position)
     hyper = ghn.GHN(config, rngs=nnx.Rngs(0))
     spec = zoo.GPT2Spec(depth=2, width=48, num_heads=4, vocab_size=96, context_length=16)
     model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
     params = hyper.predict(model, spec.input_spec())
     want = {"fan_in": 1 / math.sqrt(spec.width), "init": 0.02}[scale]
-    for name, p in (("wte", params["wte"]["embedding"]), ("wpe", params["wpe"]["embedding"])):
-        p = np.asarray(p[...], np.float64)
-        rms = np.sqrt(np.mean(np.square(p)))
-        # The rescale sets the rms from float32 sums: ||A B||^2 through r x r Gram
-        # matrices of rows + cols terms each, then the r-term products of the entries.
-        n = config.rank * (p.shape[0] + p.shape[1]) + config.rank**2 + config.rank
-        assert_close(rms, want if name == "wte" else 0.02, reduction=n, err_msg=name)
+    assert_rms(params["wte"]["embedding"], want, config, "wte")
+    # "stream": positions at the scale of the token embeddings they are added to.
+    assert_rms(params["wpe"]["embedding"], want if position == "stream" else 0.02, config, "wpe")
+
+
+@pytest.mark.parametrize("position", ["stream", "init"])
+def test_position_scale_sets_the_vit_positional_embedding_rms(position):
+    config = ghn.GHNConfig.named("tiny", position_scale=position)
+    hyper = ghn.GHN(config, rngs=nnx.Rngs(0))
+    spec = zoo.ViTSpec(
+        depth=1, width=32, num_heads=2, patch_size=7, image_size=28, in_channels=1, num_classes=10
+    )
+    model = nnx.eval_shape(lambda: spec.build(rngs=nnx.Rngs(0)))
+    params = hyper.predict(model, spec.input_spec())
+    # No token embedding: the patch features of standardized pixels are at unit scale.
+    assert_rms(params["pos_embed"], 1.0 if position == "stream" else 0.02, config, "pos_embed")
+    assert_rms(params["cls_token"], 0.02, config, "cls_token")
 
 
 def test_conv_fan_in_uses_real_layout(hyper):

@@ -12,6 +12,7 @@ DECODERS = ("lowrank", "tiled")
 FACTORS = ("view", "transpose")
 PAST_MAX_DIM = ("error", "wrap")
 EMBEDDING_SCALES = ("fan_in", "init")
+POSITION_SCALES = ("stream", "init")
 
 # Named sizes. LoGAH-Tiny is the paper's (d=64, 3 layers, 8 heads, r=32).
 # The larger ones are our choice: the width d grows ~1.5-2x per step, depth
@@ -73,6 +74,13 @@ class GHNConfig:
         logits are capped near 0.02 * width and a GPT-2 GHN stays on the unigram
         plateau (`ghn.hypernet.normalize`; RESULTS.md). GHNs recorded before this
         field existed were trained with "init" (`from_json` reads a missing field so).
+      position_scale: the std predicted positional embeddings are scaled to:
+        "stream" (that of the stream they are added to: the token embedding's std,
+        or 1 when the model embeds real-valued inputs with a kernel) or "init"
+        (the random init's 0.02, at which a ViT's positions are ~1% of its patch
+        features). Measured on the default ViT job: "stream" fits the training
+        ViTs better (RESULTS.md). GHNs recorded before this field existed were
+        trained with "init" (`from_json` reads a missing field so).
     """
 
     d_model: int = 64
@@ -90,6 +98,7 @@ class GHNConfig:
     max_degree: int = 32
     attention_shapes: bool = True
     embedding_scale: str = "fan_in"
+    position_scale: str = "stream"
 
     def __post_init__(self):
         if self.decoder not in DECODERS:
@@ -99,6 +108,10 @@ class GHNConfig:
         if self.embedding_scale not in EMBEDDING_SCALES:
             raise ConfigError(
                 f"embedding_scale must be one of {EMBEDDING_SCALES}, got {self.embedding_scale!r}"
+            )
+        if self.position_scale not in POSITION_SCALES:
+            raise ConfigError(
+                f"position_scale must be one of {POSITION_SCALES}, got {self.position_scale!r}"
             )
         if self.past_max_dim not in PAST_MAX_DIM:
             raise ConfigError(
@@ -141,6 +154,7 @@ class GHNConfig:
             raise ConfigError(f"unknown GHNConfig keys {unknown}; known keys are {sorted(known)}")
         d.setdefault("attention_shapes", False)
         d.setdefault("embedding_scale", "init")
+        d.setdefault("position_scale", "init")
         # Recorded before `factors` existed: the transpose unless the (then opt-in)
         # reference view was asked for with `paper_parity`.
         legacy_view = d.pop("paper_parity", False)

@@ -16,6 +16,14 @@ caps them near 0.3-2.6, so a GHN can only spread its outputs by aligning every
 token's row with a few directions (measured: effective rank 4 of 88) and stays
 on the unigram plateau; at fan-in scale it leaves it within a few hundred
 steps (RESULTS.md, "The tied embedding's scale").
+
+Positional embeddings match the stream they are added to by default
+(`GHNConfig.position_scale="stream"`): the token embedding's std when the model
+has one, otherwise unit std, the per-coordinate scale the fan-in rules give
+features computed from standardized inputs. At the random init's 0.02 a ViT's
+positions are ~1% of its patch features (RMS 0.02 against 2.3 on MNIST-5k), so
+a GHN cannot make position matter at step 0 (RESULTS.md, "Positional
+embeddings at the stream's scale").
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from ghn.graph import Graph, ParamInfo
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """`kind="rms"`: scale to std `gain / sqrt(fan_in)` (or fixed `std`).
+    """`kind="rms"`: scale to std `gain / sqrt(fan_in)` (or fixed `std`, or `follow`).
 
     `kind="squash"`: `center + amplitude * tanh(raw)`.
     """
@@ -36,6 +44,9 @@ class Rule:
     kind: str
     gain: float = 1.0
     std: float | None = None
+    # "rms" only: take the target std of the graph's parameter with this role when
+    # it has one (e.g. a positional embedding follows the token embedding).
+    follow: str | None = None
     center: float = 0.0
     amplitude: float = 0.0
 
@@ -64,9 +75,21 @@ EPS = 1e-12
 EMBEDDING_RULES: dict[str, Rule] = {"fan_in": RULES["embedding"], "init": Rule("rms", std=0.02)}
 
 
-def rules_for(embedding_scale: str = "fan_in") -> dict[str, Rule]:
-    """The normalization table with `embedding_scale`'s rule for token embeddings."""
-    return {**RULES, "embedding": EMBEDDING_RULES[embedding_scale]}
+# `GHNConfig.position_scale`: the "pos_embedding" rule. "init" is the random init's
+# std 0.02, which GHNs recorded before the option existed were trained with.
+POSITION_RULES: dict[str, Rule] = {
+    "stream": Rule("rms", std=1.0, follow="embedding"),
+    "init": RULES["pos_embedding"],
+}
+
+
+def rules_for(embedding_scale: str = "fan_in", position_scale: str = "stream") -> dict[str, Rule]:
+    """The normalization table with a GHN config's rules for token and positional embeddings."""
+    return {
+        **RULES,
+        "embedding": EMBEDDING_RULES[embedding_scale],
+        "pos_embedding": POSITION_RULES[position_scale],
+    }
 
 
 def residual_projections(graph: Graph) -> set[str]:
@@ -91,12 +114,18 @@ def target_stds(graph: Graph, rules: dict[str, Rule] = RULES) -> dict[str, float
     """Target std for every parameter with an "rms" rule of `rules`."""
     residual = residual_projections(graph)
     n_layer = max(1, math.ceil(len(residual) / 2))
+    by_role = {}
+    for info in graph.params.values():
+        by_role.setdefault(info.role, info)
     out = {}
     for path, info in graph.params.items():
         rule = rules[info.role]
         if rule.kind != "rms":
             continue
-        std = target_std(info, rule)
+        if rule.follow in by_role:
+            std = target_std(by_role[rule.follow], rules[rule.follow])
+        else:
+            std = target_std(info, rule)
         if path in residual:
             std /= math.sqrt(2 * n_layer)
         out[path] = std

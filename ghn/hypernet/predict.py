@@ -76,7 +76,7 @@ def _matrix_dims(info: ParamInfo) -> tuple[int, int]:
 
 def make_plan(graph: Graph, rules: dict[str, Rule] = RULES) -> Plan:
     """How every parameter of `graph` is decoded and scaled, by the table `rules`
-    (`ghn.hypernet.normalize.rules_for(config.embedding_scale)` for a GHN's config)."""
+    (`ghn.hypernet.normalize.rules_for(...)` with a GHN config's scales)."""
     infos = tuple(graph.params.values())
     stds = target_stds(graph, rules)
     buckets: dict[tuple, list] = {}
@@ -1086,7 +1086,7 @@ def prepare(model: nnx.Module, example_inputs: Sequence[Any], config) -> Prepare
     if hit is not None:
         return hit
     graph = trace(model, *example_inputs)
-    plan = make_plan(graph, rules_for(config.embedding_scale))
+    plan = make_plan(graph, rules_for(config.embedding_scale, config.position_scale))
     # The one check that an architecture fits this GHN: everything that predicts
     # (predict, meta-training, evaluation) goes through here first.
     check_fits(plan, config)
