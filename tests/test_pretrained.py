@@ -66,11 +66,12 @@ def test_shipped_ghn_predicts_a_heldout_architecture_far_better_than_random(name
     predicted = validation_metrics(model, setup, batches=3)
     random = validation_metrics(spec.build(rngs=nnx.Rngs(0)), setup, batches=3)
     if setup.task.kind == "image":
-        # Measured on these 300 digits: accuracy 0.58 and 0.56, loss 1.24 and 1.27 (the two
-        # held-out ViTs; 0.57 / 0.55 on the whole split). The zoo's ViT has a
+        # Measured on these 300 digits: accuracy 0.690 and 0.697, loss 0.880 and 0.878 (the
+        # two held-out ViTs; 0.703 / 0.690 on the whole split; the GHN trained with
+        # position_scale="init": 0.58 / 0.56, 1.24 / 1.27). The zoo's ViT has a
         # zero-initialized head: random init sits at ln 10 = 2.303, chance.
-        assert predicted["accuracy"] > 0.45, (predicted, random)
-        assert predicted["loss"] < random["loss"] - 0.85, (predicted, random)
+        assert predicted["accuracy"] > 0.6, (predicted, random)
+        assert predicted["loss"] < random["loss"] - 1.2, (predicted, random)
     else:
         # Bytes: random init ~5.4 (uniform: ln 256 = 5.55); measured on these 300 windows:
         # 2.456 against 5.459 (on 8 batches of 64: 2.293 and 2.295 against 5.428 and 5.342,
@@ -119,7 +120,7 @@ def test_predicted_blocks_are_kept_only_where_they_carry_the_gain(name, target, 
     share = (done.losses["blocks"] - done.losses["pred"]) / (
         done.losses["ref"] - done.losses["pred"]
     )
-    # Measured shares: vit-mnist held-out 1.5, gpt2-text held-out 2.3 (random blocks under
+    # Measured shares: vit-mnist held-out 1.8, gpt2-text held-out 2.3 (random blocks under
     # the predicted embeddings: 9.6, worse than random init's 5.5; 0.04 with the GHN
     # trained with embedding_scale="init"), vit-mnist larger negative gain (prediction
     # worse than random init); the threshold is 0.5.
@@ -136,9 +137,8 @@ def test_shipped_ghn_starts_no_worse_than_random_on_a_larger_architecture(name):
     setup = evaluate.Setup.from_ghn_info(info)
     spec = setup.fit(evaluate.training_pools(info).larger[0])
     _, predicted, random = default_and_random(hyper, spec, setup)
-    # ViT: random init is the zero head's ln 10; measured: raw prediction 3.77; prepared
-    # (random blocks, + random, tempered to alpha 0) exactly ln 10, and the probe (20 steps
-    # of Recipe()) hands back the random init (1.976 vs 1.826). A tempered prediction is
+    # ViT: random init is the zero head's ln 10; measured: raw prediction 2.668; prepared
+    # (random blocks, + random, tempered) 2.301. A tempered prediction is
     # at most the uniform guess (= this random init) on the 4 training batches; at alpha
     # near 0 its loss on other digits differs from ln 10 by about alpha times the logits'
     # spread, well under 0.01. GPT: raw 4.451, prepared (its blocks kept, + random,
@@ -163,10 +163,10 @@ def test_shipped_ghn_predicts_a_larger_architecture_far_better_than_random_widen
     # probe's fine-tuning twice).
     raw, predicted, random = default_and_random(hyper, spec, setup, widths, prepare=image)
     if image:
-        # Measured on these 300 digits: widened from vit-d9-w96-h8-p7, loss 1.563 and
-        # accuracy 0.437 (predicted at width 192 directly: 3.77, 0.10); prepared (its
-        # blocks kept, + random, untempered; the probe keeps it) 2.206; random init ln 10.
-        assert raw["loss"] < random["loss"] - 0.5 and raw["accuracy"] > 0.3, (raw, random)
+        # Measured on these 300 digits: widened from vit-d9-w96-h8-p7, loss 1.240 and
+        # accuracy 0.577 (predicted at width 192 directly: 2.668, 0.15); prepared (its
+        # blocks kept, + random, tempered) 2.232; random init ln 10.
+        assert raw["loss"] < random["loss"] - 0.8 and raw["accuracy"] > 0.45, (raw, random)
         assert predicted["loss"] < random["loss"] - 0.05, (predicted, random)
     else:
         # Measured on 3 batches of 100 windows: widened from gpt2-d9-w96-h8, 2.508 against
@@ -183,13 +183,14 @@ def test_shipped_ghn_starts_no_worse_than_random_on_data_it_never_saw(name, data
     hyper, info = ghn.load(name, with_info=True)
     setup = evaluate.Setup.from_ghn_info(info, data)
     spec = setup.fit(heldout_spec(info))
-    _, predicted, random = default_and_random(hyper, spec, setup)
-    # Measured on 300 digits28 digits: raw 2.792, prepared 2.303 (random blocks, + random,
-    # tempered to alpha 0; then the probe hands back the random init), random ln 10 = 2.303
-    # (zero head); tempering is fitted on training digits: at alpha near 0 its loss on
-    # other digits differs from ln 10 by about alpha times the logits' spread, well under
-    # 0.01. python_source: raw 2.544, prepared 2.603 (its blocks kept, + random,
+    raw, predicted, random = default_and_random(hyper, spec, setup)
+    # Measured on 300 digits28 digits: raw 2.093 (accuracy 0.517; the GHN trained with
+    # position_scale="init": 2.792), prepared 2.297 (its blocks kept, + random, tempered),
+    # random ln 10 = 2.303 (zero
+    # head). python_source: raw 2.544, prepared 2.603 (its blocks kept, + random,
     # untempered; the probe keeps it: 2.432 vs 3.651, error 0.015) against 5.451.
     assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
     if setup.task.kind == "text":
         assert predicted["loss"] < random["loss"] - 2.0, (predicted, random)
+    else:
+        assert raw["loss"] < random["loss"] - 0.1, (raw, random)
