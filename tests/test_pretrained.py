@@ -186,8 +186,9 @@ def test_shipped_ghn_starts_no_worse_than_random_on_data_it_never_saw(name, data
     raw, predicted, random = default_and_random(hyper, spec, setup)
     # Measured on 300 digits28 digits: raw 2.093 (accuracy 0.517; the GHN trained with
     # position_scale="init": 2.792), prepared 2.297 (its blocks kept, + random, tempered),
-    # random ln 10 = 2.303 (zero head). python_source: raw 2.544, prepared 2.603 (its blocks kept, + random,
-    # untempered; the probe keeps it: 2.432 vs 3.651, error 0.015) against 5.451.
+    # random ln 10 = 2.303 (zero head). python_source: raw 2.544, prepared 2.603 (its blocks
+    # kept, + random, untempered; the probe keeps it: 2.432 vs 3.651, error 0.015) against
+    # 5.451.
     assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
     if setup.task.kind == "text":
         assert predicted["loss"] < random["loss"] - 2.0, (predicted, random)
