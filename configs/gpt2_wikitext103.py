@@ -39,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     config = base_config()
     config.num_steps = 100_000
     config.log_every = 100
-    config.ghn = ml_collections.ConfigDict(GHNConfig.named("tiny").to_dict())
+    # Positional embeddings at GPT-2's init std 0.02, as in gpt2_text.py (measured there).
+    config.ghn = ml_collections.ConfigDict(GHNConfig.named("tiny", position_scale="init").to_dict())
 
     config.archs.sampler = "gpts-1k"
     config.archs.ranges = ml_collections.ConfigDict(dict(vocab_size=50257, context_length=SEQ_LEN))

@@ -23,7 +23,8 @@ has one, otherwise unit std, the per-coordinate scale the fan-in rules give
 features computed from standardized inputs. At the random init's 0.02 a ViT's
 positions are ~1% of its patch features (RMS 0.02 against 2.3 on MNIST-5k), so
 a GHN cannot make position matter at step 0 (RESULTS.md, "Positional
-embeddings at the stream's scale").
+embeddings at the stream's scale"; the GPT-2 configs keep "init", measured
+better there for fine-tuning).
 """
 
 from __future__ import annotations
