@@ -60,7 +60,8 @@ RULES: dict[str, Rule] = {
     "conv": Rule("rms", gain=2.0),
     # A token embedding (tied: also the output head) at fan-in scale; see the docstring.
     "embedding": Rule("rms", gain=1.0),
-    "pos_embedding": Rule("rms", std=0.02),
+    # A positional embedding at the scale of the stream it joins; see the docstring.
+    "pos_embedding": Rule("rms", std=1.0, follow="embedding"),
     "cls_token": Rule("rms", std=0.02),
     "other": Rule("rms", std=0.02),
     "norm_scale": Rule("squash", center=1.0, amplitude=0.25),
@@ -79,8 +80,8 @@ EMBEDDING_RULES: dict[str, Rule] = {"fan_in": RULES["embedding"], "init": Rule("
 # `GHNConfig.position_scale`: the "pos_embedding" rule. "init" is the random init's
 # std 0.02, which GHNs recorded before the option existed were trained with.
 POSITION_RULES: dict[str, Rule] = {
-    "stream": Rule("rms", std=1.0, follow="embedding"),
-    "init": RULES["pos_embedding"],
+    "stream": RULES["pos_embedding"],
+    "init": Rule("rms", std=0.02),
 }
 
 
