@@ -307,6 +307,7 @@ def test_eval_py_writes_tables_plots_and_restorable_parameters(workdir, tmp_path
     assert "choice" not in pred and "probe_losses" not in pred
     assert record["variants"]["predicted+noise0.5"]["mix"] == 0.5
     assert record["metric"] == "accuracy" and record["recipe"]["steps"] == 4
+    assert record["widen"] is True  # the default: targets past the trained widths widened
     for r in rows:
         for key in ("loss_0", "loss_n10", "loss_n", "accuracy_0", "accuracy_n"):
             assert np.isfinite(r[key]), key
@@ -375,6 +376,7 @@ def test_eval_py_rejects_a_target_the_ghn_cannot_decode_before_any_work(workdir,
         str(ROOT / "eval.py"),
         f"--ghn={workdir}",
         "--archs=heldout,vit-ti:patch_size=7",
+        "--widen=never",  # predicted at its own width: the decoder's K is too narrow
         f"--workdir={tmp_path}",
     ]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=600)
