@@ -26,8 +26,9 @@ training batches and against the random init it replaces:
 least half of the prediction's gain over the random init there, else takes
 the random init's blocks under the predicted stem and head
 (`ghn.calibrate.keep_blocks`); then the random init is added to every
-predicted matrix, predicted + a x random with a = --mix (default 1: the random
-init at its full scale under the prediction; --combine=blend makes it
+predicted matrix, predicted + a x random with a = --mix (default auto: 0 for a
+prediction as the GHN made it, 1, the random init at its full scale, for a
+widened one, whose copied units it tells apart; --combine=blend makes it
 sqrt(1 - a^2) x predicted + a x random instead); then --temper; then the
 fine-tuning probe (--probe_steps, default N/10): the prepared prediction and the
 random init are each fine-tuned for the first N/10 steps of the recipe and
@@ -72,7 +73,7 @@ import dataclasses
 
 from absl import flags, logging
 
-from ghn.errors import run_absl
+from ghn.errors import ConfigError, run_absl
 
 _GHN = flags.DEFINE_string("ghn", None, "Shipped GHN name, exported GHN directory or workdir.")
 _ARCHS = flags.DEFINE_string("archs", "heldout,larger", "Target architectures (see above).")
@@ -102,11 +103,12 @@ _BLOCKS = flags.DEFINE_enum(
     "least half of the prediction's gain over the random init on 4 training batches "
     "(ghn.calibrate.keep_blocks).",
 )
-_MIX = flags.DEFINE_float(
+_MIX = flags.DEFINE_string(
     "mix",
-    1.0,
+    "auto",
     "Weight a of the random init combined with every predicted matrix (0: the prediction "
-    "alone); see --combine.",
+    "alone), see --combine; auto: 0 for a prediction as the GHN made it, 1 for a widened "
+    "one (the random init breaks the symmetry of its copied units).",
 )
 _COMBINE = flags.DEFINE_enum(
     "combine",
@@ -170,6 +172,15 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where local datasets live.")
 flags.mark_flags_as_required(["ghn", "workdir"])
 
 
+def _mix(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"--mix takes a number or auto, got {value!r}") from None
+
+
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
@@ -210,7 +221,7 @@ def main(argv):
     )
     policy = evaluate.Policy(
         blocks=_BLOCKS.value,
-        mix=_MIX.value,
+        mix=_mix(_MIX.value),
         temper_mode=_TEMPER.value,
         combine=_COMBINE.value,
         probe_steps=_PROBE.value,

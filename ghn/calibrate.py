@@ -266,9 +266,14 @@ def safeguard(
 # Predicted blocks are kept when they earn at least this share of the prediction's gain
 # over the reference init on the batches (`keep_blocks`).
 BLOCKS_SHARE = 0.5
-# `prepare`'s default combination of every predicted matrix with the reference init:
-# predicted + MIX * reference (`ghn.params.add_random`).
-MIX = 1.0
+# How much of the reference init `prepare` adds to every predicted matrix, predicted +
+# mix * reference (`ghn.params.add_random`). A prediction as the GHN made it: none; it
+# fine-tunes as well as or better than with the reference added, and starts far lower
+# (RESULTS.md, "The random init only where it breaks symmetry"). A widened prediction
+# (`ghn.zoo.widen`): the full reference, because its copied units get identical gradients
+# and stay copies under fine-tuning unless something tells them apart.
+MIX = 0.0
+MIX_WIDENED = 1.0
 COMBINE_DEFAULT = "add"
 BLOCKS = ("auto", "predicted", "random")
 TEMPER_MODES = ("auto", "always", "never")
@@ -384,15 +389,15 @@ def prepare(
     parameter tree); `batches` a few training batches. In order:
     1. blocks: "auto" keeps the predicted blocks only when `keep_blocks` says they
        earn their place, else takes `reference`'s; "predicted" / "random" force it;
-    2. mix: every predicted matrix is combined with the reference's (vectors stay
-       predicted). combine="add" (the default): predicted + mix * reference
-       (`ghn.params.add_random`): with mix = 1 the random init keeps its full scale
-       in every direction and the prediction's few directions sit on top;
+    2. mix (default 0: none): every predicted matrix is combined with the reference's
+       (vectors stay predicted). combine="add" (the default): predicted + mix *
+       reference (`ghn.params.add_random`): with mix = 1 the random init keeps its full
+       scale in every direction and the prediction's directions sit on top;
        combine="blend": sqrt(1 - mix^2) * predicted + mix * reference
-       (`ghn.params.mix_with_random`), the variance-keeping blend. Both are full
-       rank; measured (RESULTS.md), adding ends fine-tuning ahead of random init on
-       held-out ViTs and GPT-2s and on a wider ViT, where blending left some runs
-       slightly behind, at the cost of part of the held-out ViTs' step-0 lead;
+       (`ghn.params.mix_with_random`), the variance-keeping blend. Pass
+       `MIX_WIDENED` (1) for a widened prediction (`ghn.zoo.widen`): the random init
+       breaks the symmetry of its copied units. Measured (RESULTS.md), the shipped
+       GHNs' direct predictions fine-tune as well or better without it;
     3. temper_mode: "auto" holds the result to `reference`'s loss (`safeguard`),
        "always" tempers its output layer (`temper`), "never" leaves it;
     4. probe (optional, e.g. `ghn.evaluate.make_probe`): the prepared prediction and

@@ -479,16 +479,29 @@ class Policy:
     """How a prediction becomes the init fine-tuned from (`ghn.calibrate.prepare`)."""
 
     blocks: str = "auto"
-    mix: float = calibrate.MIX
+    # The random init added to every predicted matrix: a weight, or "auto": none for a
+    # prediction as the GHN made it (`calibrate.MIX`), the full random init for a widened
+    # one (`calibrate.MIX_WIDENED`: it breaks the symmetry of the copied units).
+    mix: float | str = "auto"
     temper_mode: str = "auto"
     combine: str = calibrate.COMBINE_DEFAULT
     # Steps of the fine-tuning probe (`make_probe`): -1 the recipe's N/10, 0 none.
     probe_steps: int = -1
 
     def __post_init__(self):
-        calibrate.check_preparation(self.blocks, self.mix, self.temper_mode, self.combine)
+        if isinstance(self.mix, str) and self.mix != "auto":
+            raise ConfigError(f'mix must be a number or "auto", got {self.mix!r}')
+        for widened in (False, True):
+            mix = self.mix_for(widened)
+            calibrate.check_preparation(self.blocks, mix, self.temper_mode, self.combine)
         if self.probe_steps < -1:
             raise ConfigError(f"probe_steps must be -1 (N/10), 0 (none) or more, got {self}")
+
+    def mix_for(self, widened: bool) -> float:
+        """The mix weight for a prediction that was (not) widened (`ghn.zoo.widen`)."""
+        if self.mix == "auto":
+            return calibrate.MIX_WIDENED if widened else calibrate.MIX
+        return float(self.mix)
 
     def probe_length(self, recipe: Recipe) -> int:
         """The probe's steps under `recipe` (0: no probe), at most the recipe's N."""
@@ -501,10 +514,18 @@ RAW = Policy(blocks="predicted", mix=0.0, temper_mode="never", probe_steps=0)
 
 
 def prepare_prediction(
-    model: nnx.Module, spec: ArchSpec, setup: Setup, recipe: Recipe, policy: Policy
+    model: nnx.Module,
+    spec: ArchSpec,
+    setup: Setup,
+    recipe: Recipe,
+    policy: Policy,
+    *,
+    widened: bool = False,
 ) -> calibrate.Prepared:
     """`ghn.calibrate.prepare` on the first training batches of `recipe`'s order, against
-    the random init of `recipe.seed`, with the probe `policy` asks for (`make_probe`)."""
+    the random init of `recipe.seed`, with the probe `policy` asks for (`make_probe`);
+    `widened`: the prediction was widened (`predict_model` with `widths`), which sets
+    `policy`'s "auto" mix."""
     it = setup.train_iterator(recipe)
     batches = [next(it) for _ in range(TEMPER_BATCHES)]
     reference = spec.build(rngs=nnx.Rngs(recipe.seed))
@@ -516,7 +537,7 @@ def prepare_prediction(
         setup.task,
         batches,
         blocks=policy.blocks,
-        mix=policy.mix,
+        mix=policy.mix_for(widened),
         temper_mode=policy.temper_mode,
         combine=policy.combine,
         example_input=setup.input_spec(spec),
@@ -560,6 +581,7 @@ def compare(
     curves: dict[str, Curve | None] = {}
     prepared: dict[str, calibrate.Prepared] = {}
     model, predicted = predict_model(hyper, spec, setup, recipe.seed, widths=widths)
+    narrow = widened_from(spec, widths)
     raw = jax.tree.map(jnp.copy, predicted)
     inits = [("predicted", hyper, policy), *((k, None, p) for k, p in (variants or {}).items())]
     inits += [(k, other, policy) for k, other in (baseline_ghns or {}).items()]
@@ -572,7 +594,8 @@ def compare(
             nnx.update(model, jax.tree.map(jnp.copy, raw))
         else:
             model, _ = predict_model(source, spec, setup, recipe.seed, widths=widths)
-        prepared[name] = prepare_prediction(model, spec, setup, recipe, how)
+        widened = narrow is not None
+        prepared[name] = prepare_prediction(model, spec, setup, recipe, how, widened=widened)
         if kept is None:
             kept = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
         if prepared[name].choice == "random":
@@ -595,8 +618,7 @@ def compare(
     for name, curve in curves.items():
         if curve is None:  # the same init, data order and seed: the same run
             curves[name] = dataclasses.replace(curves["random"], init=name)
-    source = widened_from(spec, widths)
-    return Result(spec, num_params, setup.task.metric, curves, kept, prepared, source)
+    return Result(spec, num_params, setup.task.metric, curves, kept, prepared, narrow)
 
 
 def check_fits(
@@ -775,7 +797,13 @@ def policy_note(policy: Policy) -> str:
         f' blocks {policy.blocks} (shown as "random blocks" where the random init\'s'
         " were taken)"
     )
-    if policy.mix and policy.combine == "add":
+    if policy.mix == "auto":
+        note += (
+            ", the random init added to every predicted matrix of a widened prediction"
+            f" (predicted + {calibrate.MIX_WIDENED:g} x random: it breaks the symmetry of"
+            ' the copied units; shown as "+ random")'
+        )
+    elif policy.mix and policy.combine == "add":
         note += (
             ", the random init added to every predicted matrix"
             f" (predicted + {policy.mix:g} x random)"

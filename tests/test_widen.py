@@ -149,6 +149,24 @@ def test_predict_model_widens_past_the_trained_widths():
     pred, rand = result.rows()
     assert pred["widened_from"] == source.name and "widened_from" not in rand
     assert f"(widened from {source.name})" in evaluate.init_label(pred)
+    # The default mix adds the random init to a widened prediction (its copies must part)
+    # and nothing to a direct one.
+    assert pred["mix"] == 1.0 and ", + random" in evaluate.init_label(pred)
+    direct = spec.replace(width=48, num_heads=2)  # a trained width: not widened
+    result = evaluate.compare(hyper, direct, setup, recipe, policy=no_probe, widths=widths)
+    pred, _ = result.rows()
+    assert pred["mix"] == 0.0 and "widened_from" not in pred
+    assert "random" not in evaluate.init_label(pred).replace("random blocks", "")
+
+
+def test_the_auto_mix_adds_the_random_init_to_widened_predictions_only():
+    policy = evaluate.Policy()
+    assert (policy.mix_for(widened=False), policy.mix_for(widened=True)) == (0.0, 1.0)
+    assert evaluate.Policy(mix=0.5).mix_for(widened=True) == 0.5
+    with pytest.raises(ConfigError, match="auto"):
+        evaluate.Policy(mix="sometimes")
+    with pytest.raises(ConfigError, match="blend"):
+        evaluate.Policy(mix=1.5, combine="blend")
 
 
 def test_trained_widths_are_those_a_shipped_ghn_trained_on():
