@@ -27,9 +27,10 @@ least half of the prediction's gain over the random init there, else takes
 the random init's blocks under the predicted stem and head
 (`ghn.calibrate.keep_blocks`); then the random init is added to every
 predicted matrix, predicted + a x random with a = --mix (default auto: 0 for a
-prediction as the GHN made it, 1, the random init at its full scale, for a
-widened one, whose copied units it tells apart; --combine=blend makes it
-sqrt(1 - a^2) x predicted + a x random instead); then --temper; then the
+target of a family the GHN trained on, predicted at its own width; otherwise
+1, the random init at its full scale, which tells a widened prediction's copied
+units apart; --combine=blend makes it sqrt(1 - a^2) x predicted + a x random
+instead); then --temper; then the
 fine-tuning probe (--probe_steps, default N/10): the prepared prediction and the
 random init are each fine-tuned for the first N/10 steps of the recipe and
 scored on the 8 training batches that follow, and the random init is taken
@@ -107,8 +108,10 @@ _MIX = flags.DEFINE_string(
     "mix",
     "auto",
     "Weight a of the random init combined with every predicted matrix (0: the prediction "
-    "alone), see --combine; auto: 0 for a prediction as the GHN made it, 1 for a widened "
-    "one (the random init breaks the symmetry of its copied units).",
+    "alone), see --combine; auto: 0 for a target of a family the GHN trained on, predicted "
+    "at its own width; 1 otherwise (widened predictions: the random init tells their copied "
+    "units apart; other families: it lets the probe see a prediction that fine-tunes "
+    "slowly).",
 )
 _COMBINE = flags.DEFINE_enum(
     "combine",
@@ -242,6 +245,7 @@ def main(argv):
         baseline_ghns=other_ghns,
         baselines=_BASELINES.value,
         widths=widths,
+        families=evaluate.trained_families(info),
     )
 
 

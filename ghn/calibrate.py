@@ -267,13 +267,16 @@ def safeguard(
 # over the reference init on the batches (`keep_blocks`).
 BLOCKS_SHARE = 0.5
 # How much of the reference init `prepare` adds to every predicted matrix, predicted +
-# mix * reference (`ghn.params.add_random`). A prediction as the GHN made it: none; it
-# fine-tunes as well as or better than with the reference added, and starts far lower
-# (RESULTS.md, "The random init only where it breaks symmetry"). A widened prediction
-# (`ghn.zoo.widen`): the full reference, because its copied units get identical gradients
-# and stay copies under fine-tuning unless something tells them apart.
-MIX = 0.0
-MIX_WIDENED = 1.0
+# mix * reference (`ghn.params.add_random`). By default the full reference: with it a
+# prediction that starts ahead but fine-tunes slower falls behind within the probe's
+# steps, so the probe hands back the reference (RESULTS.md, "The random init off for the
+# GHN's own families": a custom ViT-like model led by 0.11 after N/10 steps without it
+# and ended 0.11 behind). MIX_IN_FAMILY for a prediction of an architecture family the
+# GHN trained on, at a trained width: it fine-tunes as well or better with nothing
+# added, and starts far lower. A widened prediction (`ghn.zoo.widen`) keeps MIX: its
+# copied units get identical gradients and stay copies unless something tells them apart.
+MIX = 1.0
+MIX_IN_FAMILY = 0.0
 COMBINE_DEFAULT = "add"
 BLOCKS = ("auto", "predicted", "random")
 TEMPER_MODES = ("auto", "always", "never")
@@ -389,15 +392,15 @@ def prepare(
     parameter tree); `batches` a few training batches. In order:
     1. blocks: "auto" keeps the predicted blocks only when `keep_blocks` says they
        earn their place, else takes `reference`'s; "predicted" / "random" force it;
-    2. mix (default 0: none): every predicted matrix is combined with the reference's
-       (vectors stay predicted). combine="add" (the default): predicted + mix *
-       reference (`ghn.params.add_random`): with mix = 1 the random init keeps its full
-       scale in every direction and the prediction's directions sit on top;
+    2. mix (default `MIX` = 1): every predicted matrix is combined with the
+       reference's (vectors stay predicted). combine="add" (the default): predicted +
+       mix * reference (`ghn.params.add_random`): with mix = 1 the random init keeps its
+       full scale in every direction and the prediction's directions sit on top;
        combine="blend": sqrt(1 - mix^2) * predicted + mix * reference
        (`ghn.params.mix_with_random`), the variance-keeping blend. Pass
-       `MIX_WIDENED` (1) for a widened prediction (`ghn.zoo.widen`): the random init
-       breaks the symmetry of its copied units. Measured (RESULTS.md), the shipped
-       GHNs' direct predictions fine-tune as well or better without it;
+       `MIX_IN_FAMILY` (0) for a prediction of a family the GHN trained on, not
+       widened (`ghn.evaluate.Policy` does): measured (RESULTS.md), the shipped GHNs'
+       predictions of their own families fine-tune as well or better without it;
     3. temper_mode: "auto" holds the result to `reference`'s loss (`safeguard`),
        "always" tempers its output layer (`temper`), "never" leaves it;
     4. probe (optional, e.g. `ghn.evaluate.make_probe`): the prepared prediction and

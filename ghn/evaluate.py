@@ -438,6 +438,13 @@ def trained_widths(info: dict[str, Any]) -> frozenset[tuple[int, int]] | None:
     return frozenset((s.width, s.num_heads) for s in specs if isinstance(s, widen.FAMILIES))
 
 
+def trained_families(info: dict[str, Any]) -> frozenset[type] | None:
+    """The architecture families (spec types, e.g. `ghn.zoo.ViTSpec`) a GHN trained on, from
+    `load(..., with_info=True)`; None when it records no training config."""
+    tc = train_config_of(info)
+    return frozenset(type(s) for s in candidates_of(tc)) if tc else None
+
+
 def predict_model(
     hyper,
     spec: ArchSpec,
@@ -480,8 +487,10 @@ class Policy:
 
     blocks: str = "auto"
     # The random init added to every predicted matrix: a weight, or "auto": none for a
-    # prediction as the GHN made it (`calibrate.MIX`), the full random init for a widened
-    # one (`calibrate.MIX_WIDENED`: it breaks the symmetry of the copied units).
+    # target of a family the GHN trained on, predicted at its own width
+    # (`calibrate.MIX_IN_FAMILY`), else the full random init (`calibrate.MIX`: other
+    # architectures, where it lets the probe see a prediction that fine-tunes slowly, and
+    # widened predictions, whose copied units it tells apart).
     mix: float | str = "auto"
     temper_mode: str = "auto"
     combine: str = calibrate.COMBINE_DEFAULT
@@ -491,16 +500,17 @@ class Policy:
     def __post_init__(self):
         if isinstance(self.mix, str) and self.mix != "auto":
             raise ConfigError(f'mix must be a number or "auto", got {self.mix!r}')
-        for widened in (False, True):
-            mix = self.mix_for(widened)
+        for in_family in (False, True):
+            mix = self.mix_for(in_family)
             calibrate.check_preparation(self.blocks, mix, self.temper_mode, self.combine)
         if self.probe_steps < -1:
             raise ConfigError(f"probe_steps must be -1 (N/10), 0 (none) or more, got {self}")
 
-    def mix_for(self, widened: bool) -> float:
-        """The mix weight for a prediction that was (not) widened (`ghn.zoo.widen`)."""
+    def mix_for(self, in_family: bool) -> float:
+        """The mix weight for a prediction that is (not) of a family the GHN trained on,
+        predicted at its own width (`in_family`)."""
         if self.mix == "auto":
-            return calibrate.MIX_WIDENED if widened else calibrate.MIX
+            return calibrate.MIX_IN_FAMILY if in_family else calibrate.MIX
         return float(self.mix)
 
     def probe_length(self, recipe: Recipe) -> int:
@@ -520,12 +530,14 @@ def prepare_prediction(
     recipe: Recipe,
     policy: Policy,
     *,
-    widened: bool = False,
+    widths: Collection[tuple[int, int]] | None = None,
+    families: Collection[type] | None = None,
 ) -> calibrate.Prepared:
     """`ghn.calibrate.prepare` on the first training batches of `recipe`'s order, against
-    the random init of `recipe.seed`, with the probe `policy` asks for (`make_probe`);
-    `widened`: the prediction was widened (`predict_model` with `widths`), which sets
-    `policy`'s "auto" mix."""
+    the random init of `recipe.seed`, with the probe `policy` asks for (`make_probe`).
+    `widths`: those `predict_model` was given; `families`: the spec types the GHN trained
+    on (`trained_families`). Together they set `policy`'s "auto" mix (`Policy.mix_for`)."""
+    in_family = type(spec) in (families or ()) and widened_from(spec, widths) is None
     it = setup.train_iterator(recipe)
     batches = [next(it) for _ in range(TEMPER_BATCHES)]
     reference = spec.build(rngs=nnx.Rngs(recipe.seed))
@@ -537,7 +549,7 @@ def prepare_prediction(
         setup.task,
         batches,
         blocks=policy.blocks,
-        mix=policy.mix_for(widened),
+        mix=policy.mix_for(in_family),
         temper_mode=policy.temper_mode,
         combine=policy.combine,
         example_input=setup.input_spec(spec),
@@ -556,6 +568,7 @@ def compare(
     baseline_ghns: dict[str, Any] | None = None,
     baselines: Sequence[str] = (),
     widths: Collection[tuple[int, int]] | None = None,
+    families: Collection[type] | None = None,
     progress: bool = False,
 ) -> Result:
     """Fine-tunes `spec` from `hyper`'s prediction and from the family's random init.
@@ -573,6 +586,8 @@ def compare(
     (`ghn.baselines.BASELINES`, e.g. "mimetic") adds that closed-form init, built
     from the same random init with the same seed. `widths` (`trained_widths(info)`):
     a target wider than them is predicted narrower and widened (`predict_model`).
+    `families` (`trained_families(info)`): with `widths`, what sets `policy`'s "auto" mix
+    (`prepare_prediction`).
     """
     spec = setup.fit(spec)
     for name in baselines:
@@ -594,8 +609,9 @@ def compare(
             nnx.update(model, jax.tree.map(jnp.copy, raw))
         else:
             model, _ = predict_model(source, spec, setup, recipe.seed, widths=widths)
-        widened = narrow is not None
-        prepared[name] = prepare_prediction(model, spec, setup, recipe, how, widened=widened)
+        prepared[name] = prepare_prediction(
+            model, spec, setup, recipe, how, widths=widths, families=families
+        )
         if kept is None:
             kept = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
         if prepared[name].choice == "random":
@@ -657,6 +673,7 @@ def run(
     baseline_ghns: dict[str, Any] | None = None,
     baselines: Sequence[str] = (),
     widths: Collection[tuple[int, int]] | None = None,
+    families: Collection[type] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """`compare` for every spec, writing what eval.py promises to `workdir`.
@@ -687,6 +704,7 @@ def run(
             baseline_ghns=baseline_ghns,
             baselines=baselines,
             widths=widths,
+            families=families,
             progress=progress,
         )
         rows += result.rows()
@@ -799,9 +817,9 @@ def policy_note(policy: Policy) -> str:
     )
     if policy.mix == "auto":
         note += (
-            ", the random init added to every predicted matrix of a widened prediction"
-            f" (predicted + {calibrate.MIX_WIDENED:g} x random: it breaks the symmetry of"
-            ' the copied units; shown as "+ random")'
+            ", the random init added to every predicted matrix"
+            f' (predicted + {calibrate.MIX:g} x random, shown as "+ random") unless the'
+            " target is of a family the GHN trained on, at a trained width"
         )
     elif policy.mix and policy.combine == "add":
         note += (

@@ -45,13 +45,18 @@ def default_and_random(
 ) -> tuple[dict, dict | None, dict]:
     """Step-0 metrics of the prediction (widened past `widths`, `evaluate.predict_model`),
     of that prediction as eval.py uses it by default (prepared on 4 training batches,
-    `ghn.calibrate.prepare`: blocks kept or not, the random init added, held to its loss,
-    then the probe; None without `prepare`), and of the random init, on 300 examples."""
+    `ghn.calibrate.prepare`: blocks kept or not, the random init added if it was widened,
+    held to its loss, then the probe; None without `prepare`), and of the random init, on
+    300 examples."""
     model, _ = evaluate.predict_model(hyper, spec, setup, widths=widths)
     raw = validation_metrics(model, setup, batches=3)
     predicted = None
     if prepare:
-        evaluate.prepare_prediction(model, spec, setup, evaluate.Recipe(), evaluate.Policy())
+        policy, recipe = evaluate.Policy(), evaluate.Recipe()
+        families = {type(spec)}  # every target here is of the GHN's own family
+        evaluate.prepare_prediction(
+            model, spec, setup, recipe, policy, widths=widths, families=families
+        )
         predicted = validation_metrics(model, setup, batches=3)
     return raw, predicted, validation_metrics(spec.build(rngs=nnx.Rngs(0)), setup, batches=3)
 
@@ -116,7 +121,10 @@ def test_predicted_blocks_are_kept_only_where_they_carry_the_gain(name, target, 
     spec = setup.fit(getattr(pools, target)[0])
     model, _ = evaluate.predict_model(hyper, spec, setup)
     policy = evaluate.Policy(probe_steps=0)  # the block choice comes before any probe
-    done = evaluate.prepare_prediction(model, spec, setup, evaluate.Recipe(), policy)
+    families = evaluate.trained_families(info)
+    done = evaluate.prepare_prediction(
+        model, spec, setup, evaluate.Recipe(), policy, families=families
+    )
     share = (done.losses["blocks"] - done.losses["pred"]) / (
         done.losses["ref"] - done.losses["pred"]
     )

@@ -145,24 +145,32 @@ def test_predict_model_widens_past_the_trained_widths():
     # compare() fine-tunes that init and says where it came from.
     recipe = evaluate.Recipe(steps=2, batch_size=8, eval_batch_size=50, eval_batches=1)
     no_probe = evaluate.Policy(probe_steps=0)  # an untrained GHN: the probe may take random
-    result = evaluate.compare(hyper, spec, setup, recipe, policy=no_probe, widths=widths)
+    families = {type(spec)}  # the GHN's own family
+    result = evaluate.compare(
+        hyper, spec, setup, recipe, policy=no_probe, widths=widths, families=families
+    )
     pred, rand = result.rows()
     assert pred["widened_from"] == source.name and "widened_from" not in rand
     assert f"(widened from {source.name})" in evaluate.init_label(pred)
-    # The default mix adds the random init to a widened prediction (its copies must part)
-    # and nothing to a direct one.
+    # The default mix adds the random init to a widened prediction (its copies must part),
+    # nothing to one of the GHN's own family at a trained width, and the random init again
+    # to one of a family the GHN did not train on (no `families`).
     assert pred["mix"] == 1.0 and ", + random" in evaluate.init_label(pred)
-    direct = spec.replace(width=48, num_heads=2)  # a trained width: not widened
-    result = evaluate.compare(hyper, direct, setup, recipe, policy=no_probe, widths=widths)
-    pred, _ = result.rows()
-    assert pred["mix"] == 0.0 and "widened_from" not in pred
-    assert "random" not in evaluate.init_label(pred).replace("random blocks", "")
+    direct = spec.replace(width=48, num_heads=2)
+    for fams, mix in [(families, 0.0), (None, 1.0)]:
+        result = evaluate.compare(
+            hyper, direct, setup, recipe, policy=no_probe, widths=widths, families=fams
+        )
+        pred, _ = result.rows()
+        assert pred["mix"] == mix and "widened_from" not in pred
+        label = evaluate.init_label(pred).replace("random blocks", "")
+        assert ("+ random" in label) == bool(mix), label
 
 
-def test_the_auto_mix_adds_the_random_init_to_widened_predictions_only():
+def test_the_auto_mix_adds_nothing_only_to_the_ghns_own_families():
     policy = evaluate.Policy()
-    assert (policy.mix_for(widened=False), policy.mix_for(widened=True)) == (0.0, 1.0)
-    assert evaluate.Policy(mix=0.5).mix_for(widened=True) == 0.5
+    assert (policy.mix_for(in_family=True), policy.mix_for(in_family=False)) == (0.0, 1.0)
+    assert evaluate.Policy(mix=0.5).mix_for(in_family=True) == 0.5
     with pytest.raises(ConfigError, match="auto"):
         evaluate.Policy(mix="sometimes")
     with pytest.raises(ConfigError, match="blend"):
@@ -176,3 +184,6 @@ def test_trained_widths_are_those_a_shipped_ghn_trained_on():
     vit = evaluate.trained_widths(ghn.hub.info("vit-mnist"))
     assert max(w for w, _ in vit) == 128 and (96, 8) in vit and (128, 1) in vit
     assert evaluate.trained_widths({}) is None  # no training record
+    assert evaluate.trained_families(ghn.hub.info("vit-mnist")) == {zoo.ViTSpec}
+    assert evaluate.trained_families(ghn.hub.info("gpt2-text")) == {zoo.GPT2Spec}
+    assert evaluate.trained_families({}) is None
