@@ -137,49 +137,48 @@ def test_predicted_blocks_are_kept_only_where_they_carry_the_gain(name, target, 
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_ghn_starts_no_worse_than_random_on_a_larger_architecture(name):
+def test_shipped_ghn_starts_no_worse_than_random_on_a_larger_architecture_directly(name):
     """The training run's "larger" architecture (1.5x deeper and wider than any in
-    training): the prediction as eval.py uses it by default (prepared on 4 training batches,
-    `ghn.calibrate.prepare`) is no worse than random init at step 0."""
+    training) predicted at its own width (eval.py --widen never), prepared as eval.py does
+    (on 4 training batches, `ghn.calibrate.prepare`): no worse than random init at step 0."""
     hyper, info = ghn.load(name, with_info=True)
     setup = evaluate.Setup.from_ghn_info(info)
     spec = setup.fit(evaluate.training_pools(info).larger[0])
     _, predicted, random = default_and_random(hyper, spec, setup)
     # ViT: random init is the zero head's ln 10; measured: raw prediction 2.668; prepared
-    # (random blocks, + random, tempered) 2.301. A tempered prediction is
+    # (random blocks, nothing added, tempered) 2.303. A tempered prediction is
     # at most the uniform guess (= this random init) on the 4 training batches; at alpha
     # near 0 its loss on other digits differs from ln 10 by about alpha times the logits'
-    # spread, well under 0.01. GPT: raw 4.451, prepared (its blocks kept, + random,
-    # untempered) 4.445; the probe keeps it (2.711 vs 3.089, error 0.008); random 5.381.
+    # spread, well under 0.01. GPT: raw 4.451, prepared (its blocks kept, nothing added,
+    # untempered) 4.451; random 5.381.
     assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
     if setup.task.kind == "text":
         assert predicted["loss"] < random["loss"] - 0.5, (predicted, random)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_ghn_predicts_a_larger_architecture_far_better_than_random_widened(name):
-    """The same "larger" architecture predicted at half its width and widened
-    (`ghn.zoo.widen`, eval.py --widen auto) is far better than random init with no
-    training; prepared as eval.py does (ViT), below random init."""
+def test_shipped_ghn_predicts_a_larger_architecture_below_random_widened(name):
+    """The same "larger" architecture as eval.py predicts it by default: at half its width
+    and widened (`ghn.zoo.widen`, --widen auto), far better than random init with no
+    training, and prepared (the random init added to tell the copies apart), below it."""
     hyper, info = ghn.load(name, with_info=True)
     setup = evaluate.Setup.from_ghn_info(info)
     spec = setup.fit(evaluate.training_pools(info).larger[0])
     widths = evaluate.trained_widths(info)
     assert evaluate.widened_from(spec, widths) == spec.replace(width=spec.width // 2)
-    image = setup.task.kind == "image"
-    # The GPT-2's preparation and probe are the test above's path (no need to pay for the
-    # probe's fine-tuning twice).
-    raw, predicted, random = default_and_random(hyper, spec, setup, widths, prepare=image)
-    if image:
+    raw, predicted, random = default_and_random(hyper, spec, setup, widths)
+    if setup.task.kind == "image":
         # Measured on these 300 digits: widened from vit-d9-w96-h8-p7, loss 1.240 and
         # accuracy 0.577 (predicted at width 192 directly: 2.668, 0.15); prepared (its
         # blocks kept, + random, tempered) 2.232; random init ln 10.
         assert raw["loss"] < random["loss"] - 0.8 and raw["accuracy"] > 0.45, (raw, random)
-        assert predicted["loss"] < random["loss"] - 0.05, (predicted, random)
+        assert predicted["loss"] < random["loss"] - 0.04, (predicted, random)
     else:
-        # Measured on 3 batches of 100 windows: widened from gpt2-d9-w96-h8, 2.508 against
-        # random init's 5.381 (direct: 4.451).
+        # Measured on 3 batches of 100 windows: widened from gpt2-d9-w96-h8, 2.508, prepared
+        # (its blocks kept, + random, untempered) 2.536, against random init's 5.381
+        # (direct: 4.451).
         assert raw["loss"] < random["loss"] - 2.5, (raw, random)
+        assert predicted["loss"] < random["loss"] - 2.5, (predicted, random)
 
 
 @pytest.mark.parametrize("name, data", [("vit-mnist", "digits28"), ("gpt2-text", "python_source")])
@@ -193,12 +192,13 @@ def test_shipped_ghn_starts_no_worse_than_random_on_data_it_never_saw(name, data
     spec = setup.fit(heldout_spec(info))
     raw, predicted, random = default_and_random(hyper, spec, setup)
     # Measured on 300 digits28 digits: raw 2.093 (accuracy 0.517; the GHN trained with
-    # position_scale="init": 2.792), prepared 2.297 (its blocks kept, + random, tempered),
-    # random ln 10 = 2.303 (zero head). python_source: raw 2.544, prepared 2.603 (its blocks
-    # kept, + random, untempered; the probe keeps it: 2.432 vs 3.651, error 0.015) against
-    # 5.451.
+    # position_scale="init": 2.792), prepared the same (its blocks kept, nothing added,
+    # untempered; with the random init added, the former default: 2.297, tempered), random
+    # ln 10 = 2.303 (zero head). python_source: raw and prepared 2.544 (blocks kept, nothing
+    # added; + random: 2.603) against 5.451.
     assert predicted["loss"] <= random["loss"] + 0.01, (predicted, random)
     if setup.task.kind == "text":
-        assert predicted["loss"] < random["loss"] - 2.0, (predicted, random)
+        assert predicted["loss"] < random["loss"] - 2.5, (predicted, random)
     else:
         assert raw["loss"] < random["loss"] - 0.1, (raw, random)
+        assert predicted["loss"] < random["loss"] - 0.1, (predicted, random)
