@@ -427,22 +427,27 @@ class Result:
         return out
 
 
-def trained_widths(info: dict[str, Any]) -> frozenset[tuple[int, int]] | None:
-    """The (width, heads) pairs of the ViTs and GPT-2s a GHN trained on (its pool, or every
-    architecture its stream could draw), from `load(..., with_info=True)`; None when it
-    records no training config."""
+def _trained_specs(info: dict[str, Any]) -> tuple[ArchSpec, ...] | None:
+    """Every architecture a GHN's training could visit (its pool, or every one its stream
+    could draw); None when it records no training config."""
     tc = train_config_of(info)
-    if not tc:
+    return tuple(candidates_of(tc)) if tc else None
+
+
+def trained_widths(info: dict[str, Any]) -> frozenset[tuple[int, int]] | None:
+    """The (width, heads) pairs of the ViTs and GPT-2s a GHN trained on, from
+    `load(..., with_info=True)`; None when it records no training config."""
+    specs = _trained_specs(info)
+    if specs is None:
         return None
-    specs = candidates_of(tc)
     return frozenset((s.width, s.num_heads) for s in specs if isinstance(s, widen.FAMILIES))
 
 
 def trained_families(info: dict[str, Any]) -> frozenset[type] | None:
     """The architecture families (spec types, e.g. `ghn.zoo.ViTSpec`) a GHN trained on, from
     `load(..., with_info=True)`; None when it records no training config."""
-    tc = train_config_of(info)
-    return frozenset(type(s) for s in candidates_of(tc)) if tc else None
+    specs = _trained_specs(info)
+    return None if specs is None else frozenset(type(s) for s in specs)
 
 
 def predict_model(
