@@ -78,6 +78,9 @@ def test_bad_values_are_clear_errors():
     config = tiny_config({"ghn.d_model": 30})
     with pytest.raises(ValueError, match="d_model"):
         validate(config)
+    config = tiny_config({"archs.window": 4, "archs.stream": True})
+    with pytest.raises(ValueError, match="archs.window"):
+        validate(config)
 
 
 def test_sampler_is_deterministic_and_resumes_exactly():
@@ -93,6 +96,29 @@ def test_sampler_is_deterministic_and_resumes_exactly():
     c = ArchSampler(pool, 3, seed=7)
     c.restore(json.loads(json.dumps(b.state())))
     assert [c.next() for _ in range(4)] == stream[2:]
+
+
+def test_windowed_sampler_visits_one_window_at_a_time_and_resumes_exactly():
+    pool = zoo.sample("vits-1k", 7, seed=0, depth=(2, 4), width=(32, 64))
+    a = ArchSampler(pool, 2, seed=3, window=3, window_epochs=2)
+    flat = [s for _ in range(15) for s in a.next()]  # 30 positions: a cycle of 14, and more
+    windows = [pool[0:3], pool[3:6], pool[6:7]]
+    visits = [flat[0:6], flat[6:12], flat[12:14], flat[14:20], flat[20:26], flat[26:28]]
+    for visit, window in zip(visits, windows * 2, strict=True):
+        size = len(window)
+        for e in range(2):  # each epoch of a visit is a permutation of its window
+            assert sorted(s.name for s in visit[e * size : (e + 1) * size]) == sorted(
+                s.name for s in window
+            )
+    assert visits[0] != visits[3]  # the second cycle draws new orders
+    b = ArchSampler(pool, 2, seed=3, window=3, window_epochs=2)
+    for _ in range(4):
+        b.next()
+    c = ArchSampler(pool, 2, seed=3, window=3, window_epochs=2)
+    c.restore(json.loads(json.dumps(b.state())))
+    assert [s for _ in range(11) for s in c.next()] == flat[8:30]
+    with pytest.raises(ValueError, match="other settings"):
+        ArchSampler(pool, 2, seed=3, window=2, window_epochs=2).restore(b.state())
 
 
 def test_sampler_rejects_a_state_from_another_pool():

@@ -1,7 +1,9 @@
 """The order a run visits its training architectures (`ghn.zoo.pools` draws pools).
 
 `ArchSampler`: each epoch over a fixed pool is a permutation drawn from (seed,
-epoch). `GroupedSampler`: the pool is split into groups (shape buckets) and
+epoch); with a window, the pool is visited a window of W architectures at a
+time, for a few epochs each, so a run of per-architecture programs keeps only
+W of them compiled at once. `GroupedSampler`: the pool is split into groups (shape buckets) and
 every meta-batch comes from one group, chosen per step with probability
 proportional to its size, so a step runs one bucket's program. `StreamSampler`:
 no pool; position i of the run is a fresh draw from the sampler seeded with
@@ -63,28 +65,65 @@ class ArchSampler(_Positional):
     Position i of the stream is `pool[perm(i // P)[i % P]]`, where P is the pool
     size and perm(e) a permutation drawn from (seed, e); a meta-batch may span
     two epochs. `state()`/`restore()` carry i.
+
+    With `window` = W > 0 the pool is cut into consecutive windows of W
+    architectures (the last may be smaller), and the run visits them in turn,
+    `window_epochs` epochs over each, then starts over with the first: each visit's
+    epochs are permutations of its window drawn from (seed, visit, epoch). A
+    per-architecture program is compiled (or loaded from the persistent cache)
+    once per visit, so a pool larger than the programs a process can keep
+    compiled (`program_cache_size`) costs one compile per architecture rather
+    than a reload at almost every step.
     """
 
-    def __init__(self, pool: Sequence[ArchSpec], meta_batch_size: int, seed: int):
+    def __init__(
+        self,
+        pool: Sequence[ArchSpec],
+        meta_batch_size: int,
+        seed: int,
+        *,
+        window: int = 0,
+        window_epochs: int = 1,
+    ):
         if not pool:
             raise ValueError("the architecture pool is empty")
+        if window < 0 or window_epochs < 1:
+            raise ValueError(f"need window >= 0, window_epochs >= 1; got {window}, {window_epochs}")
         self.pool = tuple(pool)
         self.meta_batch_size = meta_batch_size
         self.seed = seed
         self.index = 0
+        self.window = min(window, len(self.pool)) if window else len(self.pool)
+        self.window_epochs = window_epochs if window else 1
+        self._windowed = bool(window)
         self._fingerprint = fingerprint(self.pool)
-        self._perm: tuple[int, np.ndarray] | None = None
+        if window:  # a run resumed with other windows would visit another order
+            self._fingerprint += f"/window={self.window}x{self.window_epochs}"
+        starts = np.arange(0, len(self.pool), self.window)
+        self._starts = starts
+        sizes = np.minimum(starts + self.window, len(self.pool)) - starts
+        # Positions at which each window's visit begins within one cycle over the pool.
+        self._bounds = np.concatenate([[0], np.cumsum(sizes * self.window_epochs)])
+        self._perm: tuple[tuple[int, int], np.ndarray] | None = None
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._perm is None or self._perm[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = (epoch, rng.permutation(len(self.pool)))
+    def _order(self, key: tuple[int, int], size: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != key:
+            # Unwindowed: one visit per epoch, seeded (seed, epoch) as before windows.
+            seed = [self.seed, *key] if self._windowed else [self.seed, key[0]]
+            self._perm = (key, np.random.default_rng(seed).permutation(size))
         return self._perm[1]
 
+    def _at(self, i: int) -> ArchSpec:
+        cycle, r = divmod(i, int(self._bounds[-1]))
+        w = int(np.searchsorted(self._bounds, r, side="right")) - 1
+        start = int(self._starts[w])
+        size = min(self.window, len(self.pool) - start)
+        epoch, j = divmod(r - int(self._bounds[w]), size)
+        visit = cycle * len(self._starts) + w
+        return self.pool[start + self._order((visit, epoch), size)[j]]
+
     def peek(self) -> list[ArchSpec]:
-        p = len(self.pool)
-        ids = range(self.index, self.index + self.meta_batch_size)
-        return [self.pool[self._order(i // p)[i % p]] for i in ids]
+        return [self._at(i) for i in range(self.index, self.index + self.meta_batch_size)]
 
 
 class GroupedSampler:

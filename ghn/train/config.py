@@ -53,6 +53,14 @@ def base_config() -> ml_collections.ConfigDict:
     # (pool_size only sizes the draw the held-out architectures come from). Needs a
     # sampler whose architectures can be listed (vits-1k, gpts-1k) for the buckets.
     c.archs.stream = False
+    # > 0: a pool of per-architecture programs (cell networks) is visited `window`
+    # architectures at a time, `window_epochs` epochs over each, then the next
+    # window, cycling (ghn.train.ArchSampler). Keep window + the evaluation
+    # architectures within program_cache_size: each architecture then compiles once
+    # per visit instead of being evicted and reloaded at almost every step, so the
+    # pool is no longer capped by the programs a process can keep.
+    c.archs.window = 0
+    c.archs.window_epochs = 1
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "mnist5k"
@@ -164,6 +172,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(
         not (config.archs.stream and config.archs.dataset),
         "archs.stream draws from archs.sampler; it cannot be used with archs.dataset",
+    )
+    need(config.archs.window >= 0, "archs.window must be >= 0")
+    need(config.archs.window_epochs >= 1, "archs.window_epochs must be >= 1")
+    need(
+        not (config.archs.window and config.archs.stream),
+        "archs.window visits a pool; it cannot be used with archs.stream",
     )
     need(config.data.batch_size >= 1, "data.batch_size must be >= 1")
     need(config.nonfinite in NONFINITE, f"nonfinite must be one of {NONFINITE}")

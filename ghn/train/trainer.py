@@ -395,9 +395,15 @@ class Trainer:
                 fingerprint=fingerprint(self.candidates + self.pools.heldout),
             )
         if len(self.groups) > 1 and all(s in index for s in self.pools.train):
+            if archs.window:
+                raise ConfigError(
+                    "archs.window is for pools of per-architecture programs; this pool's "
+                    f"{len(self.groups)} shape buckets already share programs: set archs.window=0"
+                )
             pool = set(self.pools.train)
             return GroupedSampler([[s for s in g if s in pool] for g in self.groups], m, seed)
-        return ArchSampler(self.pools.train, m, seed)
+        window = dict(window=archs.window, window_epochs=archs.window_epochs)
+        return ArchSampler(self.pools.train, m, seed, **window)
 
     def step_once(self, step: int):
         """One meta-training step: the next architectures on the next data batch, their
