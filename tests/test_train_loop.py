@@ -291,3 +291,21 @@ def test_stream_needs_a_listable_sampler(tmp_path):
     config.archs.ranges = type(config.archs.ranges)()
     with pytest.raises(ValueError, match="archs.stream"):
         Trainer(config, tmp_path)
+
+
+def test_a_windowed_pool_visits_per_architecture_programs_a_window_at_a_time(tmp_path):
+    changes = {"num_steps": 2, "archs.pool_size": 3, "archs.bucketed": False}
+    config = tiny_config({**changes, "archs.window": 2, "archs.window_epochs": 2})
+    config.checkpoint.enabled = False
+    trainer = Trainer(config, tmp_path)
+    try:
+        pool = trainer.pools.train
+        seen = [s for _ in range(4) for s in trainer.sampler.next()]  # 8 positions
+        assert set(seen[:4]) == set(pool[:2]) and set(seen[4:6]) == {pool[2]}
+        assert set(seen[6:]) == set(pool[:2])  # the next cycle
+    finally:
+        trainer.close()
+    grouped = tiny_config({**changes, "archs.bucketed": True, "archs.buckets": 2})
+    grouped.archs.window = 2
+    with pytest.raises(ValueError, match="archs.window"):
+        Trainer(grouped, tmp_path / "grouped")
