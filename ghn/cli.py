@@ -120,7 +120,10 @@ def cmd_export(args) -> None:
     if bad:
         raise ConfigError(f"--set expects KEY=VALUE, got {bad[0]!r}")
     metadata = dict(kv.split("=", 1) for kv in args.set)
-    print(hub.export(args.workdir, args.directory, step=args.step, **metadata))
+    out = hub.export(
+        args.workdir, args.directory, step=args.step, storage_dtype=args.dtype, **metadata
+    )
+    print(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,6 +153,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("workdir")
     p.add_argument("directory")
     p.add_argument("--step", type=int, help="the checkpoint to export (default: the latest)")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="how the parameters are stored (float16: half the size; loading casts back)",
+    )
     p.add_argument(
         "--set",
         action="append",

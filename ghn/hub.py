@@ -127,16 +127,48 @@ def _build(config: GHNConfig, params: dict, abstract_params=None) -> GHN:
     return nnx.merge(graphdef, state)
 
 
-def save(hyper: GHN, directory: str | os.PathLike, **metadata: Any) -> Path:
-    """Writes `hyper` to `directory` (created; must not hold a GHN already)."""
+# How parameters may be stored: float16 halves a GHN on disk (the shipped GHNs must fit
+# 15 MB together) at a relative rounding of 2^-11 per parameter; loading casts back to
+# the GHN's own dtype.
+STORAGE_DTYPES = ("float32", "float16")
+
+
+def _stored(params: dict, storage_dtype: str) -> dict:
+    """`params` (NumPy leaves) with floating leaves cast to `storage_dtype`."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ConfigError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
+    dtype = np.dtype(storage_dtype)
+
+    def cast(path, x):
+        if not np.issubdtype(x.dtype, np.floating) or x.dtype == dtype:
+            return x
+        biggest = float(np.abs(x).max(initial=0.0))
+        if biggest > float(np.finfo(dtype).max):
+            raise ConfigError(
+                f"GHN parameter {jax.tree_util.keystr(path)} reaches {biggest:.3g}, past "
+                f"{storage_dtype}'s range: store it as float32"
+            )
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
+def save(
+    hyper: GHN, directory: str | os.PathLike, *, storage_dtype: str = "float32", **metadata: Any
+) -> Path:
+    """Writes `hyper` to `directory` (created; must not hold a GHN already), its floating
+    parameters as `storage_dtype` ("float32", or "float16": half the size on disk)."""
     directory = Path(directory).absolute()
     if (directory / "ghn.json").exists():
         raise GHNExistsError(f"{directory} already holds a GHN; choose another directory")
-    directory.mkdir(parents=True, exist_ok=True)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(hyper, nnx.Param)))
+    params = _stored(params, storage_dtype)
+    directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(directory / "params", params)
     record = {"format": FORMAT, "ghn_config": hyper.config.to_dict(), "metadata": metadata}
+    if storage_dtype != "float32":
+        record["storage_dtype"] = storage_dtype
     (directory / "ghn.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return directory
 
@@ -231,7 +263,15 @@ def load(
     config = GHNConfig.from_json(record["ghn_config"])
     abstract_params = _abstract_params(config)
     abstract = abstract_params[2]
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
+    stored = record.get("storage_dtype", "float32")
+    if stored not in STORAGE_DTYPES:
+        raise CorruptGHNError(f"{path / 'ghn.json'} records an unknown storage_dtype {stored!r}")
+
+    def on_disk(a):
+        floating = np.issubdtype(np.dtype(a.dtype), np.floating)
+        return jax.ShapeDtypeStruct(a.shape, np.dtype(stored) if floating else a.dtype)
+
+    target = jax.tree.map(on_disk, abstract)
     drop_closed_loop_errors()
     try:
         with ocp.StandardCheckpointer() as ckpt:
@@ -259,10 +299,11 @@ def export(
     directory: str | os.PathLike,
     *,
     step: int | None = None,
+    storage_dtype: str = "float32",
     **metadata: Any,
 ) -> Path:
     """A train.py workdir's GHN (EMA if any) as an exported GHN directory: that of
-    checkpoint `step`, by default the latest."""
+    checkpoint `step`, by default the latest, stored as `storage_dtype` (`save`)."""
     hyper, found = load(workdir, step=step, with_info=True)
     train_config = found.get("train_config", {})
     record = {
@@ -274,4 +315,4 @@ def export(
     versions = Path(workdir) / "versions.json"
     if versions.is_file():
         record["versions"] = json.loads(versions.read_text())
-    return save(hyper, directory, **record)
+    return save(hyper, directory, storage_dtype=storage_dtype, **record)

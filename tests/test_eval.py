@@ -93,6 +93,38 @@ def test_export_save_and_load_round_trip_and_errors(workdir, tmp_path):
         ghn.load(out)
 
 
+def test_a_ghn_stored_in_float16_loads_as_float32_and_takes_half_the_space(workdir, tmp_path):
+    full = hub.export(workdir, tmp_path / "f32")
+    cli.main(["export", str(workdir), str(tmp_path / "f16"), "--dtype", "float16"])
+    half, record = ghn.load(tmp_path / "f16", with_info=True)
+    assert record["storage_dtype"] == "float16" and "storage_dtype" not in hub.info(full)
+    want = ghn_params(ghn.load(full))
+    got = ghn_params(half)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype == np.float32, k
+        np.testing.assert_array_equal(got[k], v.astype(np.float16).astype(np.float32), err_msg=k)
+    size = lambda d: sum(f.stat().st_size for f in (d / "params").rglob("*") if f.is_file())
+    assert size(tmp_path / "f16") < 0.6 * size(full)
+    # The prediction moves by float16's rounding of the GHN, not more.
+    vit = dict(depth=1, width=16, num_heads=2, patch_size=7, image_size=28, in_channels=1)
+    spec = zoo.get("vit-ti", **vit, num_classes=10)
+    model = spec.build(rngs=nnx.Rngs(0))
+    a = flat(nnx.to_pure_dict(ghn.load(full).predict(model, spec.input_spec())))
+    b = flat(nnx.to_pure_dict(half.predict(model, spec.input_spec())))
+    for k in a:
+        scale = float(np.abs(a[k]).max()) + 1e-12
+        assert float(np.abs(a[k] - b[k]).max()) <= 0.05 * scale, k
+    with pytest.raises(ConfigError, match="storage_dtype"):
+        ghn.save(half, tmp_path / "bf16", storage_dtype="bfloat16")
+    hyper = ghn.load(full)  # a parameter past float16's range is refused, not clipped
+    state = nnx.state(hyper, nnx.Param)
+    state = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(1e6) if x.ndim else x, state)
+    nnx.update(hyper, state)
+    with pytest.raises(ConfigError, match="past float16's range"):
+        ghn.save(hyper, tmp_path / "big", storage_dtype="float16")
+    assert not (tmp_path / "big").exists()
+
+
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
     """A 4-step run with an EMA that keeps the checkpoints of steps 2 and 4."""
