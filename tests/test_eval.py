@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -215,6 +216,36 @@ def test_finetune_sees_the_same_data_and_learns():
     assert curves[0].eval_steps == evaluate.eval_points(12)
     assert len(curves[0].train_loss) == 12
     assert curves[0].eval_loss[-1] < curves[0].eval_loss[0] - 0.05
+
+
+def test_batchnorm_models_fine_tune_and_are_read_with_batch_statistics():
+    """A cell network with BatchNorm fine-tunes and probes (its statistics are updated
+    inside the gradient), and every evaluation point reads batch statistics: its
+    running averages lag fine-tuning for ~100 steps whatever the init."""
+    setup = evaluate.Setup.from_name("mnist5k")
+    cells = dict(num_cells=(3, 3), nodes=(2, 2), width=(8, 8), norms=("bn",))
+    spec = zoo.sample("cnns-1k", 1, seed=0, image_size=28, in_channels=1, num_classes=10, **cells)
+    recipe = evaluate.Recipe(steps=4, lr=1e-3, warmup_steps=0, batch_size=16, num_points=4)
+    model = spec[0].build(rngs=nnx.Rngs(0))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    scores = evaluate.make_probe(model, setup, recipe, 2, score_batches=2)(params)
+    assert len(scores) == 2 and np.all(np.isfinite(scores))
+    data = setup.eval_batches(dataclasses.replace(recipe, eval_batch_size=50, eval_batches=1))
+    curve = evaluate.finetune(model, setup, recipe, init="random", eval_data=data)
+    before = nnx.state(model, nnx.BatchStat)
+    assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(before))  # were updated
+
+    def loss(train: bool) -> float:
+        m = nnx.clone(model)
+        m.train() if train else m.eval()
+        sums = setup.task.sums(m, jax.tree.map(jnp.asarray, data[0]))
+        return float(sums["loss_sum"] / sums["count"])
+
+    batch_stats, running = loss(True), loss(False)
+    assert abs(batch_stats - running) > 0.05  # after 4 steps the two readings differ
+    # The jitted evaluation against this eager one: the longest reduction is BatchNorm's
+    # mean over the batch's 50 x 28 x 28 positions.
+    assert_close(curve.eval_loss[-1], batch_stats, reduction=50 * 28 * 28, scale=batch_stats)
 
 
 def test_probe_is_the_start_of_the_run_it_decides():
