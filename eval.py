@@ -190,6 +190,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     import ghn
     from ghn import evaluate
+    from ghn.zoo import widen
 
     hyper, info = ghn.load(_GHN.value, with_info=True)
     other_ghns = {}
@@ -202,7 +203,8 @@ def main(argv):
     setup = evaluate.Setup.from_ghn_info(info, _DATA.value, seq_len=_SEQ_LEN.value, **kw)
     specs = evaluate.resolve_archs(_ARCHS.value, info, setup)
     widths = evaluate.trained_widths(info) if _WIDEN.value == "auto" else None
-    if _WIDEN.value == "auto" and not widths:
+    widenable = any(isinstance(s, widen.FAMILIES) for s in specs)
+    if _WIDEN.value == "auto" and not widths and widenable:
         logging.warning(
             "%s records no ViT or GPT-2 widths it was trained on (no training config, or no "
             "ViTs or GPT-2s in it): every target is predicted at its own width",
