@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--step", type=int, help="the checkpoint to export (default: the latest)")
     p.add_argument(
         "--dtype",
-        choices=("float32", "float16"),
         default="float32",
-        help="how the parameters are stored (float16: half the size; loading casts back)",
+        help="how the parameters are stored: float32, or float16 (half the size; loading "
+        "casts back; ghn.hub.STORAGE_DTYPES)",
     )
     p.add_argument(
         "--set",

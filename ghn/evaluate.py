@@ -251,6 +251,12 @@ def _programs(graphdef, task: Task, recipe: Recipe) -> tuple[Any, Callable, Call
     return tx, train_step, eval_step
 
 
+def has_batch_stats(model: nnx.Module) -> bool:
+    """Whether `model` has BatchNorm statistics: such models are read with batch
+    statistics (`finetune`, `make_probe`)."""
+    return bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+
+
 def _mean(eval_step, params, rest, batches, batch_stats: bool) -> tuple[float, float]:
     """Mean loss and mean metric over `batches` (sums over every example, then divided)."""
     tot = {"loss_sum": 0.0, "metric_sum": 0.0, "count": 0.0}
@@ -281,7 +287,7 @@ def finetune(
     """
     task = setup.task
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    has_bn = bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+    has_bn = has_batch_stats(model)
     tx, train_step, eval_step = _programs(graphdef, task, recipe)
     opt_state = tx.init(params)
 
@@ -355,7 +361,7 @@ def make_probe(
     # BatchNorm: after a probe's few steps the running averages (momentum 0.99) are
     # still mostly the layer's defaults, whatever the init, so both candidates are
     # scored with batch statistics, as `finetune` reads a model with BatchNorm.
-    batch_stats = bool(jax.tree.leaves(nnx.state(model, nnx.BatchStat)))
+    batch_stats = has_batch_stats(model)
 
     def probe(params) -> list[float]:
         it = setup.train_iterator(recipe)

@@ -133,10 +133,14 @@ def _build(config: GHNConfig, params: dict, abstract_params=None) -> GHN:
 STORAGE_DTYPES = ("float32", "float16")
 
 
-def _stored(params: dict, storage_dtype: str) -> dict:
-    """`params` (NumPy leaves) with floating leaves cast to `storage_dtype`."""
+def _check_storage_dtype(storage_dtype: str) -> None:
     if storage_dtype not in STORAGE_DTYPES:
         raise ConfigError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}")
+
+
+def _stored(params: dict, storage_dtype: str) -> dict:
+    """`params` (NumPy leaves) with floating leaves cast to `storage_dtype`."""
+    _check_storage_dtype(storage_dtype)
     dtype = np.dtype(storage_dtype)
 
     def cast(path, x):
@@ -304,6 +308,7 @@ def export(
 ) -> Path:
     """A train.py workdir's GHN (EMA if any) as an exported GHN directory: that of
     checkpoint `step`, by default the latest, stored as `storage_dtype` (`save`)."""
+    _check_storage_dtype(storage_dtype)  # before the checkpoint is read
     hyper, found = load(workdir, step=step, with_info=True)
     train_config = found.get("train_config", {})
     record = {
